@@ -1,8 +1,8 @@
 """Test-tier gates shared by every package's tests and the e2e suite.
 
-Markers name what a test needs from its environment (see pyproject.toml). Where the resource is
-missing the test is skipped with the reason, except that under ``CI=true`` a missing ``/dev/kvm`` is a
-failure: CI must exercise the VMM, never silently skip it.
+Markers name what a test needs from its environment (see pyproject.toml). Where the resource
+is missing the test is skipped with the reason, except that under ``CI=true`` a missing
+``/dev/kvm`` (or a missing QEMU peer) is a failure: CI must exercise the VMM, never skip it.
 """
 
 from __future__ import annotations
@@ -29,4 +29,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     ):
         if os.environ.get("CI") == "true":
             pytest.fail("qemu-system-x86_64/qemu-img missing, and CI=true requires the peers")
-        pytest.skip("needs qemu-system-x86_64 and qemu-img (apt-get install qemu-system-x86 qemu-utils)")
+        pytest.skip(
+            "needs qemu-system-x86_64 and qemu-img (apt-get install qemu-system-x86 qemu-utils)"
+        )

@@ -16,7 +16,17 @@ nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
 ROOT = Path(__file__).resolve().parent
-PACKAGES = ["sys_util", "kvm_sys", "kvm", "msg_socket", "io_jail", "qcow", "devices", "arch", "crosvm"]
+PACKAGES = [
+    "sys_util",
+    "kvm_sys",
+    "kvm",
+    "msg_socket",
+    "io_jail",
+    "qcow",
+    "devices",
+    "arch",
+    "crosvm",
+]
 TOOLS = ["pip>=24", "hatchling>=1.21", "editables>=0.5", "cffi>=1.17", "build>=1.2"]
 TEST_DEPS = ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "hypothesis>=6"]
 
@@ -75,5 +85,6 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against the peers (QEMU, qemu-io, a C floor), printed as ratios."""
     install_workspace(session)
-    session.run("python", "benchmarks/run.py", *session.posargs,
-                env={"PYTHONUNBUFFERED": "1", **os.environ})
+    session.run(
+        "python", "benchmarks/run.py", *session.posargs, env={"PYTHONUNBUFFERED": "1", **os.environ}
+    )

@@ -73,17 +73,42 @@ def build(dist: Path, pkgs: list[str], sdist: bool = True) -> None:
     dist.mkdir(parents=True, exist_ok=True)
     for pkg in pkgs:
         kinds = ["--wheel", "--sdist"] if sdist else ["--wheel"]
-        run(sys.executable, "-m", "build", "--no-isolation", *kinds, "--outdir", str(dist),
-            str(ROOT / "packages" / pkg))
+        run(
+            sys.executable,
+            "-m",
+            "build",
+            "--no-isolation",
+            *kinds,
+            "--outdir",
+            str(dist),
+            str(ROOT / "packages" / pkg),
+        )
     deps = third_party(pkgs)
     if deps:
-        run(sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-q", "-d",
-            str(dist / "thirdparty"), *deps)
+        run(
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            str(dist / "thirdparty"),
+            *deps,
+        )
 
 
 def install_args(dist: Path, pkg: str) -> list[str]:
-    return ["install", "-q", "--no-index", "--find-links", str(dist),
-            "--find-links", str(dist / "thirdparty"), project(pkg)["name"]]
+    return [
+        "install",
+        "-q",
+        "--no-index",
+        "--find-links",
+        str(dist),
+        "--find-links",
+        str(dist / "thirdparty"),
+        project(pkg)["name"],
+    ]
 
 
 def check(dist: Path, pkgs: list[str]) -> None:
@@ -94,18 +119,30 @@ def check(dist: Path, pkgs: list[str]) -> None:
             py = str(Path(tmp) / "bin" / "python")
             try:
                 run(py, "-m", "pip", *install_args(dist, pkg))
-                listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"],
-                                        check=True, capture_output=True, text=True).stdout
+                listed = subprocess.run(
+                    [py, "-m", "pip", "list", "--format=freeze"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
                 installed = {line.split("==")[0] for line in listed.split()}
-                extra = {d for d in installed & set(DIST_TO_PKG)} - {
-                    project(p)["name"] for p in sibling_closure(pkg)}
+                extra = (installed & set(DIST_TO_PKG)) - {
+                    project(p)["name"] for p in sibling_closure(pkg)
+                }
                 if extra:
                     raise RuntimeError(f"{pkg} pulled in undeclared siblings {sorted(extra)}")
-                run(py, "-I", "-c", f"import {pkg}; print('{pkg}', {pkg}.__version__, 'imports alone')")
+                run(
+                    py,
+                    "-I",
+                    "-c",
+                    f"import {pkg}; print('{pkg}', {pkg}.__version__, 'imports alone')",
+                )
             except (subprocess.CalledProcessError, RuntimeError) as err:
                 print(f"FAILED {pkg}: {err}", flush=True)
                 failures.append(pkg)
-    print(f"wheel check: {len(pkgs) - len(failures)} of {len(pkgs)} packages install and import alone")
+    print(
+        f"wheel check: {len(pkgs) - len(failures)} of {len(pkgs)} packages install and import alone"
+    )
     if failures:
         sys.exit(f"wheel check failed for: {', '.join(failures)}")
 
