@@ -1,0 +1,243 @@
+"""The configuration of one ``crosvm run``: what the command line asked for, validated.
+
+Parsing is separate from building the VM so that every mistake a user can make on the command line
+is found before anything is created, and reported as one :class:`~crosvm.errors.ConfigError` line
+(exit status 2). Option names and defaults follow crosvm's (see the repository README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from crosvm.errors import ConfigError
+
+DEFAULT_MEM_MIB = 256
+DEFAULT_CPUS = 1
+MAX_CPUS = 254  # APIC IDs are 8 bit and the IOAPIC takes the id after the last vCPU
+MAX_DISKS = 26  # vda..vdz
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class DiskOption:
+    """One ``-r/--rwroot/-d/--rwdisk`` in command-line order (vda, vdb, ...)."""
+
+    path: Path
+    read_only: bool
+    root: bool = False
+
+
+@dataclass(frozen=True)
+class NetOption:
+    """A virtio-net NIC: a tap crosvm creates (host_ip/netmask/mac) or one given by name or fd."""
+
+    host_ip: ipaddress.IPv4Address | None = None
+    netmask: ipaddress.IPv4Address | None = None
+    mac: str | None = None
+    tap_name: str | None = None
+    tap_fd: int | None = None
+    vhost_net: bool = False
+
+
+@dataclass
+class Config:
+    """Everything ``crosvm run`` was asked to do."""
+
+    kernel: Path
+    mem_mib: int = DEFAULT_MEM_MIB
+    cpus: int = DEFAULT_CPUS
+    params: list[str] = field(default_factory=list)
+    initrd: Path | None = None
+    serial: list[str] = field(default_factory=list)
+    disks: list[DiskOption] = field(default_factory=list)
+    socket_path: Path | None = None
+    sandbox: bool = True
+    seccomp_policy_dir: Path | None = None
+    seccomp_log_failures: bool = False
+    balloon: bool = True
+    rng: bool = True
+    cid: int | None = None
+    net: list[NetOption] = field(default_factory=list)
+
+    @property
+    def root_disk_index(self) -> int | None:
+        return next((i for i, d in enumerate(self.disks) if d.root), None)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _positive_int(name: str, limit: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"{name} must be between 1 and {limit}, got {value}")
+        return value
+
+    return parse
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory, expected a file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not readable")
+    return path
+
+
+def _ipv4(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+
+
+def _netmask(text: str) -> ipaddress.IPv4Address:
+    mask = _ipv4(text)
+    bits = int(mask)
+    inverted = ~bits & 0xFFFFFFFF
+    if inverted & (inverted + 1):  # the ones must be contiguous from the top
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid netmask")
+    return mask
+
+
+def _mac(text: str) -> str:
+    if not _MAC_RE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+    if int(text[:2], 16) & 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is a multicast MAC address")
+    return text.lower()
+
+
+class _DiskAction(argparse.Action):
+    """Collect every disk option into one list, keeping command-line order (vda, vdb, ...)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        disks: list[DiskOption] = getattr(namespace, "disks", None) or []
+        read_only = option_string in ("-r", "--root", "-d", "--disk")
+        root = option_string in ("-r", "--root", "--rwroot")
+        if root and any(d.root for d in disks):
+            parser.error("only one root disk (-r/--root or --rwroot) may be given")
+        if len(disks) >= MAX_DISKS:
+            parser.error(f"at most {MAX_DISKS} disks are supported")
+        disks.append(DiskOption(Path(values), read_only=read_only, root=root))
+        namespace.disks = disks
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="crosvm run",
+        description="Boot a Linux kernel (ELF vmlinux or bzImage) in a KVM virtual machine.",
+    )
+    parser.add_argument("kernel", metavar="KERNEL", type=_existing_file, help="kernel to boot")
+    parser.add_argument(
+        "-m", "--mem", type=_positive_int("--mem", 1 << 20), default=DEFAULT_MEM_MIB,
+        metavar="N", help=f"guest memory in MiB (default {DEFAULT_MEM_MIB})",
+    )  # fmt: skip
+    parser.add_argument(
+        "-c", "--cpus", type=_positive_int("--cpus", MAX_CPUS), default=DEFAULT_CPUS,
+        metavar="N", help=f"number of vCPUs (default {DEFAULT_CPUS})",
+    )  # fmt: skip
+    parser.add_argument(
+        "-p", "--params", action="append", default=[], metavar="PARAMS",
+        help="extra kernel command line (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("-i", "--initrd", type=_existing_file, metavar="PATH", help="initramfs")
+    parser.add_argument(
+        "--serial", action="append", default=[], metavar="PARAMS",
+        help="type=stdout|file|sink|syslog[,num=1-4][,path=P][,console][,stdin]"
+        "[,hardware=serial|virtio-console]",
+    )  # fmt: skip
+    for flags, text in (
+        (("-r", "--root"), "read-only root disk; adds root=/dev/vdX ro"),
+        (("--rwroot",), "writable root disk; adds root=/dev/vdX rw"),
+        (("-d", "--disk"), "read-only virtio-blk disk (raw or qcow2; repeatable)"),
+        (("--rwdisk",), "writable virtio-blk disk (raw or qcow2; repeatable)"),
+    ):
+        parser.add_argument(*flags, action=_DiskAction, dest="disks", metavar="PATH", help=text)
+    parser.add_argument("-s", "--socket", type=Path, metavar="PATH", help="control socket")
+    parser.add_argument(
+        "--disable-sandbox", action="store_true", help="run every device in the main process"
+    )
+    parser.add_argument("--seccomp-policy-dir", type=Path, metavar="DIR")
+    parser.add_argument("--seccomp-log-failures", action="store_true")
+    balloon = parser.add_mutually_exclusive_group()
+    balloon.add_argument("--balloon", dest="balloon", action="store_true", default=True)
+    balloon.add_argument("--no-balloon", dest="balloon", action="store_false")
+    parser.add_argument("--no-rng", dest="rng", action="store_false", help="no virtio-rng")
+    parser.add_argument("--cid", type=_positive_int("--cid", 0xFFFFFFFE), metavar="CID")
+    parser.add_argument("--host_ip", "--host-ip", dest="host_ip", type=_ipv4, metavar="IP")
+    parser.add_argument("--netmask", type=_netmask, metavar="MASK")
+    parser.add_argument("--mac", type=_mac, metavar="MAC")
+    parser.add_argument("--tap-name", metavar="NAME")
+    parser.add_argument("--tap-fd", type=_positive_int("--tap-fd", 1 << 20), metavar="FD")
+    parser.add_argument("--vhost-net", action="store_true")
+    return parser
+
+
+def parse_run_args(argv: Sequence[str]) -> Config:
+    """Parse and validate ``crosvm run`` arguments. Raises ConfigError (exit status 2)."""
+    try:
+        ns = build_run_parser().parse_args(list(argv))
+    except argparse.ArgumentTypeError as err:  # pragma: no cover - argparse routes these to error
+        raise ConfigError(f"crosvm run: {err}") from None
+    disks: list[DiskOption] = ns.disks or []
+    for disk in disks:
+        try:
+            _existing_file(str(disk.path))
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"crosvm run: disk {err}") from None
+    net: list[NetOption] = []
+    tap_spec = (ns.host_ip, ns.netmask, ns.mac)
+    if any(v is not None for v in tap_spec):
+        if not all(v is not None for v in tap_spec):
+            raise ConfigError("crosvm run: --host_ip, --netmask and --mac must be given together")
+        net.append(
+            NetOption(host_ip=ns.host_ip, netmask=ns.netmask, mac=ns.mac, vhost_net=ns.vhost_net)
+        )
+    if ns.tap_name is not None:
+        net.append(NetOption(tap_name=ns.tap_name, mac=ns.mac, vhost_net=ns.vhost_net))
+    if ns.tap_fd is not None:
+        net.append(NetOption(tap_fd=ns.tap_fd, mac=ns.mac, vhost_net=ns.vhost_net))
+    if ns.socket is not None and ns.socket.exists() and not ns.socket.is_dir():
+        raise ConfigError(f"crosvm run: control socket {ns.socket} already exists")
+    return Config(
+        kernel=ns.kernel,
+        mem_mib=ns.mem,
+        cpus=ns.cpus,
+        params=ns.params,
+        initrd=ns.initrd,
+        serial=ns.serial,
+        disks=disks,
+        socket_path=ns.socket,
+        sandbox=not ns.disable_sandbox,
+        seccomp_policy_dir=ns.seccomp_policy_dir,
+        seccomp_log_failures=ns.seccomp_log_failures,
+        balloon=ns.balloon,
+        rng=ns.rng,
+        cid=ns.cid,
+        net=net,
+    )
