@@ -1,5 +1,76 @@
-"""Errors raised by devices. Every error of this package derives from :class:`Error`."""
+"""Errors raised by devices. Every error of this package derives from :class:`Error`.
+
+Errors carry the values that caused them as fields (so callers can react without parsing
+messages) and define ``__reduce__`` so they survive pickling across a device-process boundary.
+The PCI and virtio modules keep their specific classes next to their code and derive from
+:class:`Error` too.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BusError", "Error", "SerialConfigError"]
 
 
 class Error(Exception):
     """Base class of every devices error."""
+
+
+class BusError(Error):
+    """A :class:`devices.bus.Bus` insertion was refused.
+
+    ``base``/``length`` is the requested range; ``existing_base``/``existing_length``/
+    ``existing_label`` describe the range it collides with (``None`` when the request itself is
+    invalid, e.g. empty or beyond 64 bits).
+    """
+
+    def __init__(
+        self,
+        base: int,
+        length: int,
+        reason: str,
+        existing_base: int | None = None,
+        existing_length: int | None = None,
+        existing_label: str | None = None,
+    ) -> None:
+        self.base = base
+        self.length = length
+        self.reason = reason
+        self.existing_base = existing_base
+        self.existing_length = existing_length
+        self.existing_label = existing_label
+        msg = f"bus range [{base:#x}, {base + length:#x}) {reason}"
+        if existing_base is not None and existing_length is not None:
+            msg += (
+                f" [{existing_base:#x}, {existing_base + existing_length:#x})"
+                f" of {existing_label or '?'}"
+            )
+        super().__init__(msg)
+
+    def __reduce__(self) -> tuple[type[BusError], tuple[object, ...]]:
+        return (
+            type(self),
+            (
+                self.base,
+                self.length,
+                self.reason,
+                self.existing_base,
+                self.existing_length,
+                self.existing_label,
+            ),
+        )
+
+
+class SerialConfigError(Error, ValueError):
+    """A ``--serial`` parameter string is invalid.
+
+    ``value`` is the offending text (the whole option or one ``key=value`` item); ``reason`` is a
+    one-line explanation suitable for a command-line error message.
+    """
+
+    def __init__(self, value: str, reason: str) -> None:
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid --serial {value!r}: {reason}")
+
+    def __reduce__(self) -> tuple[type[SerialConfigError], tuple[str, str]]:
+        return (type(self), (self.value, self.reason))
