@@ -1,0 +1,312 @@
+"""virtio-block (device type 2) over a :class:`~devices.virtio.DiskBackend`.
+
+Requests are served in the device's worker thread; data moves between the image and guest RAM
+with ``preadv``/``pwritev`` on memoryviews of the shared guest mapping (no intermediate copy).
+Every guest-supplied number is checked: a request outside the disk, a malformed header or
+segment list, or a write to a read-only disk completes with ``VIRTIO_BLK_S_IOERR`` (or
+``UNSUPP`` for unknown types) and the image is left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+
+from devices.virtio._constants import DeviceType
+from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
+from devices.virtio._disk import DiskBackend, RawDisk
+from devices.virtio._errors import ChainTooShort
+from devices.virtio._queue import DescriptorChain, Queue
+from devices.virtio._reader_writer import Reader, Writer
+
+__all__ = [
+    "QUEUE_SIZE",
+    "SECTOR_SIZE",
+    "VIRTIO_BLK_F_BLK_SIZE",
+    "VIRTIO_BLK_F_DISCARD",
+    "VIRTIO_BLK_F_FLUSH",
+    "VIRTIO_BLK_F_RO",
+    "VIRTIO_BLK_F_SEG_MAX",
+    "VIRTIO_BLK_F_WRITE_ZEROES",
+    "VIRTIO_BLK_S_IOERR",
+    "VIRTIO_BLK_S_OK",
+    "VIRTIO_BLK_S_UNSUPP",
+    "VIRTIO_BLK_T_DISCARD",
+    "VIRTIO_BLK_T_FLUSH",
+    "VIRTIO_BLK_T_GET_ID",
+    "VIRTIO_BLK_T_IN",
+    "VIRTIO_BLK_T_OUT",
+    "VIRTIO_BLK_T_WRITE_ZEROES",
+    "Block",
+    "DiskBackend",
+    "RawDisk",
+]
+
+SECTOR_SHIFT = 9
+SECTOR_SIZE = 1 << SECTOR_SHIFT
+QUEUE_SIZE = 256
+
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+VIRTIO_BLK_ID_BYTES = 20
+
+MAX_DISCARD_SECTORS = 0x3FFF_FFFF
+MAX_DISCARD_SEG = 32
+DISCARD_SECTOR_ALIGNMENT = 8  # 4 KiB, the host page / typical fs block
+MAX_WRITE_ZEROES_SECTORS = 0x3FFF_FFFF
+MAX_WRITE_ZEROES_SEG = 32
+
+_REQ_HEADER = struct.Struct("<IIQ")
+_SEGMENT = struct.Struct("<QII")
+# capacity, size_max, seg_max, geometry(c,h,s), blk_size, topology(4 fields), writeback,
+# unused0, num_queues, max_discard_sectors, max_discard_seg, discard_sector_alignment,
+# max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3]
+_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+assert _CONFIG.size == 60
+
+
+class Block(ThreadedVirtioDevice):
+    """A virtio-block device for one disk image.
+
+    ``Block.open(path, read_only=...)`` opens (and locks) a raw image; or pass any
+    :class:`DiskBackend`. :meth:`resize` changes the capacity and notifies the guest.
+    """
+
+    def __init__(
+        self,
+        disk: DiskBackend,
+        *,
+        serial: str | None = None,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        self._disk = disk
+        self._queue_size = queue_size
+        self._read_only = disk.read_only
+        self._size = disk.size()
+        self._id = self._make_id(serial)
+        super().__init__()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        read_only: bool = False,
+        direct: bool = False,
+        serial: str | None = None,
+    ) -> Block:
+        return cls(RawDisk(path, read_only=read_only, direct=direct), serial=serial)
+
+    def _make_id(self, serial: str | None) -> bytes:
+        if serial is not None:
+            raw = serial.encode()
+        else:
+            try:
+                st = os.fstat(self._disk.fileno())
+                raw = f"{st.st_dev:x}{st.st_rdev:x}{st.st_ino:x}".encode()
+            except (OSError, AttributeError):
+                raw = b""
+        return raw[:VIRTIO_BLK_ID_BYTES].ljust(VIRTIO_BLK_ID_BYTES, b"\x00")
+
+    # -- VirtioDevice ------------------------------------------------------------------------
+
+    def debug_label(self) -> str:
+        return "virtio-block"
+
+    @property
+    def device_type(self) -> int:
+        return DeviceType.BLOCK
+
+    @property
+    def queue_max_sizes(self) -> Sequence[int]:
+        return [self._queue_size]
+
+    @property
+    def disk(self) -> DiskBackend:
+        return self._disk
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def features(self) -> int:
+        f = RING_FEATURES | 1 << VIRTIO_BLK_F_SEG_MAX | 1 << VIRTIO_BLK_F_BLK_SIZE
+        f |= 1 << VIRTIO_BLK_F_FLUSH
+        if self._read_only:
+            f |= 1 << VIRTIO_BLK_F_RO
+        else:
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+        return f
+
+    @property
+    def capacity(self) -> int:
+        """Size in 512-byte sectors."""
+        return self._size >> SECTOR_SHIFT
+
+    def config_space(self) -> bytes:
+        return _CONFIG.pack(
+            self.capacity,
+            0,  # size_max (feature not offered)
+            self._queue_size - 2,  # seg_max: header and status take two descriptors
+            0, 0, 0,  # geometry
+            SECTOR_SIZE,
+            0, 0, 0, 0,  # topology
+            0,  # writeback
+            0,
+            1,  # num_queues
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEG,
+            DISCARD_SECTOR_ALIGNMENT,
+            MAX_WRITE_ZEROES_SECTORS,
+            MAX_WRITE_ZEROES_SEG,
+            1,  # write_zeroes_may_unmap
+        )  # fmt: skip
+
+    def keep_fds(self) -> list[int]:
+        keep = getattr(self._disk, "keep_fds", None)
+        if callable(keep):
+            fds: list[int] = keep()
+            return fds
+        return [self._disk.fileno()]
+
+    def close(self) -> None:
+        self.reset()
+        self._disk.close()
+
+    # -- resize --------------------------------------------------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        """Grow or shrink the image to ``new_size`` bytes and raise a config-change interrupt."""
+        self._disk.resize(new_size)
+        self._size = self._disk.size()
+        interrupt = self.interrupt
+        if interrupt is not None:
+            interrupt.signal_config_changed()
+
+    # -- request processing ----------------------------------------------------------------------
+
+    def process_queue(self, index: int, queue: Queue) -> None:
+        interrupt = self.interrupt
+        assert interrupt is not None
+        while True:
+            served = 0
+            while (chain := queue.pop()) is not None:
+                queue.add_used(chain.head, self.handle_request(chain))
+                served += 1
+            if served or queue.invalid_chains:
+                queue.trigger_interrupt(interrupt)
+            if not queue.enable_notification():
+                return
+
+    def handle_request(self, chain: DescriptorChain) -> int:
+        """Execute one request; return the number of bytes written into the chain."""
+        writer = chain.writer()
+        room = writer.available_bytes()
+        if room < 1:
+            self.log.warn("request %d has no room for a status byte", chain.head)
+            return 0
+        status_writer = writer.split_at(room - 1)
+        reader = chain.reader()
+        try:
+            status = self._execute(reader, writer)
+        except ChainTooShort as err:
+            self.log.warn("malformed request %d: %s", chain.head, err)
+            status = VIRTIO_BLK_S_IOERR
+        except OSError as err:
+            self.log.warn("I/O error on request %d: %s", chain.head, err)
+            status = VIRTIO_BLK_S_IOERR
+        status_writer.write(bytes((status,)))
+        return writer.bytes_written + 1
+
+    def _check_range(self, sector: int, length: int) -> int | None:
+        offset = sector << SECTOR_SHIFT
+        if length % SECTOR_SIZE or offset + length > self._size:
+            return None
+        return offset
+
+    def _execute(self, reader: Reader, writer: Writer) -> int:
+        req_type, _reserved, sector = _REQ_HEADER.unpack(reader.read_exact(_REQ_HEADER.size))
+        disk = self._disk
+        if req_type == VIRTIO_BLK_T_IN:
+            length = writer.available_bytes()
+            offset = self._check_range(sector, length)
+            if offset is None:
+                self.log.warn("read of %d bytes at sector %d beyond capacity", length, sector)
+                return VIRTIO_BLK_S_IOERR
+            if length == 0:
+                return VIRTIO_BLK_S_OK
+            got = disk.read_into(writer.get_iovecs(length), offset)
+            return VIRTIO_BLK_S_OK if got == length else VIRTIO_BLK_S_IOERR
+        if req_type == VIRTIO_BLK_T_OUT:
+            if self._read_only:
+                return VIRTIO_BLK_S_IOERR
+            length = reader.available_bytes()
+            offset = self._check_range(sector, length)
+            if offset is None:
+                self.log.warn("write of %d bytes at sector %d beyond capacity", length, sector)
+                return VIRTIO_BLK_S_IOERR
+            if length:
+                disk.write_from(reader.get_iovecs(length), offset)
+            return VIRTIO_BLK_S_OK
+        if req_type == VIRTIO_BLK_T_FLUSH:
+            if not self._read_only:
+                disk.flush()
+            return VIRTIO_BLK_S_OK
+        if req_type == VIRTIO_BLK_T_GET_ID:
+            n = min(writer.available_bytes(), VIRTIO_BLK_ID_BYTES)
+            writer.write(self._id[:n])
+            return VIRTIO_BLK_S_OK
+        if req_type in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+            if self._read_only:
+                return VIRTIO_BLK_S_IOERR
+            return self._discard_or_zero(req_type, reader)
+        return VIRTIO_BLK_S_UNSUPP
+
+    def _discard_or_zero(self, req_type: int, reader: Reader) -> int:
+        discard = req_type == VIRTIO_BLK_T_DISCARD
+        feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
+        if not self.acked_features >> feature & 1:
+            return VIRTIO_BLK_S_UNSUPP
+        size = reader.available_bytes()
+        nseg = size // _SEGMENT.size
+        max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
+        max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
+        if nseg == 0 or size % _SEGMENT.size or nseg > max_seg:
+            self.log.warn("bad segment list of %d bytes", size)
+            return VIRTIO_BLK_S_IOERR
+        segments = [_SEGMENT.unpack(reader.read_exact(_SEGMENT.size)) for _ in range(nseg)]
+        ranges: list[tuple[int, int, bool]] = []
+        for sector, num_sectors, flags in segments:
+            if flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP or (discard and flags):
+                return VIRTIO_BLK_S_UNSUPP
+            if num_sectors > max_sectors:
+                return VIRTIO_BLK_S_IOERR
+            length = num_sectors << SECTOR_SHIFT
+            offset = self._check_range(sector, length)
+            if offset is None:
+                return VIRTIO_BLK_S_IOERR
+            ranges.append((offset, length, bool(flags)))
+        for offset, length, unmap in ranges:
+            if discard:
+                self._disk.discard(offset, length)
+            else:
+                self._disk.write_zeroes(offset, length, unmap=unmap)
+        return VIRTIO_BLK_S_OK
