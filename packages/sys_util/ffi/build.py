@@ -41,7 +41,8 @@ def build_ffi() -> cffi.FFI:
     ffi.cdef("\n".join(types + functions) + "\nstatic const char PACKAGE_VERSION[];\n")
     ffi.set_source(
         MODULE_NAME,
-        "\n".join(includes + customizations) + f'\nstatic const char PACKAGE_VERSION[] = "{version}";\n',
+        "\n".join(includes + customizations)
+        + f'\nstatic const char PACKAGE_VERSION[] = "{version}";\n',
         extra_compile_args=["-O2", "-Wall"],
     )
     return ffi

@@ -1,0 +1,372 @@
+"""Guest RAM: regions of one memfd, mapped shared, with checked translation.
+
+Layout: the regions (sorted by guest address) are laid end to end in one :class:`SharedMemory`
+(region *i* starts at file offset ``sum(sizes[:i])``), and the whole file is mapped once,
+``MAP_SHARED``. So a forked device process sees the very same pages, and region *i* lives at host
+address ``mapping_base + file_offset``.
+
+Every access translates ``(addr, length)`` to an offset in that one mapping, refusing anything that
+is not entirely inside one region (or, for ``iovecs``/``read``/``write``, inside adjacent regions).
+The translation is the hot path of every virtqueue operation, so it is written to be cheap: the
+common single-region case is two integer comparisons, the general case one ``bisect``.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import struct
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from sys_util._address import GuestAddress
+from sys_util._mmap import BytesLike, MemoryMapping, pagesize
+from sys_util._shm import Seals, SharedMemory
+from sys_util.errors import GuestMemoryError, InvalidArgument
+
+__all__ = ["GuestMemory", "MemoryRegion"]
+
+_U64_END = 1 << 64
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRegion:
+    """One contiguous range of guest RAM and where it lives on the host."""
+
+    guest_base: GuestAddress
+    size: int
+    file_offset: int
+    host_address: int
+
+    def end_addr(self) -> int:
+        """The first guest address after this region."""
+        return int(self.guest_base) + self.size
+
+    def contains(self, addr: int) -> bool:
+        return self.guest_base <= addr < self.guest_base + self.size
+
+
+class GuestMemory:
+    """The guest's physical RAM.
+
+    Args:
+        regions: ``(guest_base, size)`` pairs; page aligned, non-empty, non-overlapping.
+        name: the memfd name (visible in /proc/PID/maps and fd listings).
+    """
+
+    __slots__ = (
+        "_base0",
+        "_bases",
+        "_closed",
+        "_deltas",
+        "_ends",
+        "_mapping",
+        "_memfd",
+        "_mm",
+        "_mv",
+        "_regions",
+        "_size",
+        "_size0",
+    )
+
+    def __init__(self, regions: Sequence[tuple[int, int]], *, name: str = "crosvm_guest") -> None:
+        layout = _validate(regions)
+        total = sum(size for _, size in layout)
+        memfd = SharedMemory(name, total)
+        try:
+            # The size can never change again: no process holding this fd can truncate it under
+            # our mapping (which would turn guest accesses into SIGBUS in the VMM).
+            memfd.add_seals(Seals.SHRINK | Seals.GROW)
+            mapping = MemoryMapping.from_shared_memory(memfd, total)
+        except BaseException:
+            memfd.close()
+            raise
+        self._memfd = memfd
+        self._mapping = mapping
+        self._mm: mmap.mmap = mapping.mmap
+        self._mv: memoryview = mapping.view()
+        self._size = total
+        self._closed = False
+        host = mapping.host_address
+        built: list[MemoryRegion] = []
+        offset = 0
+        for base, size in layout:
+            built.append(MemoryRegion(GuestAddress(base), size, offset, host + offset))
+            offset += size
+        self._regions = tuple(built)
+        self._bases = [r.guest_base for r in built]
+        self._ends = [r.end_addr() for r in built]
+        # mapping offset = guest address + delta
+        self._deltas = [r.file_offset - r.guest_base for r in built]
+        # Fast path for one region: offset = addr - base0, valid when 0 <= offset <= size0 - n.
+        # With several regions, size0 = -1 makes the fast path test fail so the slow path runs.
+        self._base0 = built[0].guest_base
+        self._size0 = built[0].size if len(built) == 1 else -1
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    @property
+    def regions(self) -> list[MemoryRegion]:
+        """The regions, sorted by guest address."""
+        return list(self._regions)
+
+    @property
+    def memfd(self) -> SharedMemory:
+        """The memfd backing all regions (pass it to forked device processes)."""
+        return self._memfd
+
+    @property
+    def size(self) -> int:
+        """Total bytes of guest RAM."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def end_addr(self) -> GuestAddress:
+        """The first guest address after the highest region."""
+        return GuestAddress(self._ends[-1])
+
+    def address_in_range(self, addr: int) -> bool:
+        """True if ``addr`` is inside some region."""
+        i = bisect_right(self._bases, addr) - 1
+        return i >= 0 and addr < self._ends[i]
+
+    def checked_range(self, addr: int, length: int) -> bool:
+        """True if ``[addr, addr+length)`` is inside guest RAM (regions may be adjacent)."""
+        try:
+            self._segments(addr, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def find_region(self, addr: int) -> MemoryRegion:
+        """The region that holds ``addr`` (GuestMemoryError if none does)."""
+        i = bisect_right(self._bases, addr) - 1
+        if i < 0 or addr >= self._ends[i]:
+            self._fail(addr, 1)
+        return self._regions[i]
+
+    # -- translation ----------------------------------------------------------------------------
+
+    def _fail(self, addr: int, length: int) -> Any:
+        if self._closed:
+            raise OSError(errno.EBADF, "GuestMemory is closed")
+        if isinstance(addr, int) and isinstance(length, int) and length < 0:
+            raise GuestMemoryError(addr, length, "a negative length")
+        if isinstance(addr, int) and isinstance(length, int) and addr + length > _U64_END:
+            raise GuestMemoryError(addr, length, "overflowing the 64-bit address space")
+        raise GuestMemoryError(addr, length)
+
+    def _offset(self, addr: int, length: int) -> int:
+        """Mapping offset of ``[addr, addr+length)``, which must lie in one region."""
+        off = addr - self._base0
+        if 0 <= off <= self._size0 - length and length >= 0:
+            return off
+        i = bisect_right(self._bases, addr) - 1
+        if i >= 0 and length >= 0 and addr + length <= self._ends[i]:
+            return addr + self._deltas[i]
+        return self._fail(addr, length)  # type: ignore[no-any-return]
+
+    def _segments(self, addr: int, length: int) -> list[tuple[int, int]]:
+        """``(mapping offset, length)`` pieces of a range that may span adjacent regions."""
+        if length < 0:
+            self._fail(addr, length)
+        i = bisect_right(self._bases, addr) - 1
+        if i < 0 or addr >= self._ends[i]:
+            if length == 0 and i >= 0 and addr == self._ends[i]:
+                return []
+            self._fail(addr, length)
+        pieces: list[tuple[int, int]] = []
+        cur, left = addr, length
+        while True:
+            take = min(left, self._ends[i] - cur)
+            pieces.append((cur + self._deltas[i], take))
+            left -= take
+            if not left:
+                return pieces
+            cur += take
+            i += 1
+            if i == len(self._bases) or self._bases[i] != cur:
+                self._fail(addr, length)
+
+    # -- zero-copy access ----------------------------------------------------------------------
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """A writable zero-copy memoryview of ``[addr, addr+length)`` (must be in one region)."""
+        off = addr - self._base0
+        if not (0 <= off <= self._size0 - length and length >= 0):
+            off = self._offset(addr, length)
+        return self._mv[off : off + length]
+
+    def iovecs(self, addr: int, length: int) -> list[memoryview]:
+        """Zero-copy memoryviews covering ``[addr, addr+length)``, one per region touched.
+
+        Pass them straight to ``os.preadv``/``os.pwritev``.
+        """
+        off = addr - self._base0
+        if 0 <= off <= self._size0 - length and length >= 0:
+            return [self._mv[off : off + length]]
+        mv = self._mv
+        return [mv[o : o + n] for o, n in self._segments(addr, length)]
+
+    # -- copies ---------------------------------------------------------------------------------
+
+    def read(self, addr: int, length: int) -> bytes:
+        """Copy ``length`` bytes out of guest memory."""
+        off = addr - self._base0
+        if 0 <= off <= self._size0 - length and length >= 0:
+            return self._mm[off : off + length]
+        return b"".join(self._mm[o : o + n] for o, n in self._segments(addr, length))
+
+    def write(self, addr: int, data: BytesLike) -> None:
+        """Copy ``data`` into guest memory at ``addr``."""
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        length = len(data)
+        off = addr - self._base0
+        if 0 <= off <= self._size0 - length:
+            self._mv[off : off + length] = data
+            return
+        pos = 0
+        mv = self._mv
+        for o, n in self._segments(addr, length):
+            mv[o : o + n] = data[pos : pos + n]
+            pos += n
+
+    def read_u8(self, addr: int) -> int:
+        off = addr - self._base0
+        if not 0 <= off < self._size0:
+            off = self._offset(addr, 1)
+        return self._mm[off]
+
+    def read_u16(self, addr: int) -> int:
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - 2:
+            off = self._offset(addr, 2)
+        return _U16.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
+
+    def read_u32(self, addr: int) -> int:
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - 4:
+            off = self._offset(addr, 4)
+        return _U32.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
+
+    def read_u64(self, addr: int) -> int:
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - 8:
+            off = self._offset(addr, 8)
+        return _U64.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
+
+    def write_u8(self, addr: int, value: int) -> None:
+        off = addr - self._base0
+        if not 0 <= off < self._size0:
+            off = self._offset(addr, 1)
+        _U8.pack_into(self._mm, off, value)
+
+    def write_u16(self, addr: int, value: int) -> None:
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - 2:
+            off = self._offset(addr, 2)
+        _U16.pack_into(self._mm, off, value)
+
+    def write_u32(self, addr: int, value: int) -> None:
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - 4:
+            off = self._offset(addr, 4)
+        _U32.pack_into(self._mm, off, value)
+
+    def write_u64(self, addr: int, value: int) -> None:
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - 8:
+            off = self._offset(addr, 8)
+        _U64.pack_into(self._mm, off, value)
+
+    def read_struct(self, addr: int, st: struct.Struct) -> tuple[Any, ...]:
+        """Unpack one ``st`` (which must fit in one region) from ``addr``."""
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - st.size:
+            off = self._offset(addr, st.size)
+        return st.unpack_from(self._mm, off)
+
+    def write_struct(self, addr: int, st: struct.Struct, *values: Any) -> None:
+        """Pack ``values`` with ``st`` (which must fit in one region) at ``addr``."""
+        off = addr - self._base0
+        if not 0 <= off <= self._size0 - st.size:
+            off = self._offset(addr, st.size)
+        st.pack_into(self._mm, off, *values)
+
+    def remove_range(self, addr: int, length: int) -> None:
+        """Discard ``[addr, addr+length)`` (MADV_REMOVE): it reads as zeros afterwards, in every
+        process sharing the memfd, and its pages go back to the host. Page aligned (balloon).
+        """
+        page = pagesize()
+        if addr % page or length % page:
+            raise InvalidArgument(f"remove_range {addr:#x}+{length:#x} is not page aligned")
+        for o, n in self._segments(addr, length):
+            if n:
+                self._mm.madvise(mmap.MADV_REMOVE, o, n)
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap guest RAM and close the memfd. Idempotent.
+
+        Views handed out earlier keep their pages mapped until they are released, so closing is
+        always memory safe; afterwards every access raises ``OSError(EBADF)``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # Make the fast path fail and the slow path find nothing.
+        self._size0 = -1
+        self._bases = []
+        self._ends = []
+        self._deltas = []
+        self._mv.release()
+        self._mapping.close()
+        self._memfd.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<GuestMemory closed>"
+        parts = ", ".join(f"{int(r.guest_base):#x}+{r.size:#x}" for r in self._regions)
+        return f"<GuestMemory [{parts}]>"
+
+
+def _validate(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    if not regions:
+        raise InvalidArgument("guest memory needs at least one region")
+    page = pagesize()
+    layout = sorted((int(base), int(size)) for base, size in regions)
+    prev_end = -1
+    for base, size in layout:
+        if size <= 0:
+            raise InvalidArgument(f"region at {base:#x} has non-positive size {size:#x}")
+        if base < 0 or base + size > _U64_END:
+            raise InvalidArgument(f"region {base:#x}+{size:#x} is outside the 64-bit space")
+        if base % page or size % page:
+            raise InvalidArgument(f"region {base:#x}+{size:#x} is not page aligned")
+        if base < prev_end:
+            raise InvalidArgument(f"region at {base:#x} overlaps the region before it")
+        prev_end = base + size
+    return layout
