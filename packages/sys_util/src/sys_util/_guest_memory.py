@@ -67,6 +67,9 @@ class GuestMemory:
         "_closed",
         "_deltas",
         "_ends",
+        "_lim2",
+        "_lim4",
+        "_lim8",
         "_mapping",
         "_memfd",
         "_mm",
@@ -109,6 +112,14 @@ class GuestMemory:
         # With several regions, size0 = -1 makes the fast path test fail so the slow path runs.
         self._base0 = built[0].guest_base
         self._size0 = built[0].size if len(built) == 1 else -1
+        self._set_limits()
+
+    def _set_limits(self) -> None:
+        # Highest fast-path offset for 2, 4 and 8 byte scalars (negative: fast path disabled).
+        size0 = self._size0
+        self._lim2 = size0 - 2 if size0 >= 2 else -1
+        self._lim4 = size0 - 4 if size0 >= 4 else -1
+        self._lim8 = size0 - 8 if size0 >= 8 else -1
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -168,9 +179,6 @@ class GuestMemory:
 
     def _offset(self, addr: int, length: int) -> int:
         """Mapping offset of ``[addr, addr+length)``, which must lie in one region."""
-        off = addr - self._base0
-        if 0 <= off <= self._size0 - length and length >= 0:
-            return off
         i = bisect_right(self._bases, addr) - 1
         if i >= 0 and length >= 0 and addr + length <= self._ends[i]:
             return addr + self._deltas[i]
@@ -216,7 +224,11 @@ class GuestMemory:
         if 0 <= off <= self._size0 - length and length >= 0:
             return [self._mv[off : off + length]]
         mv = self._mv
-        return [mv[o : o + n] for o, n in self._segments(addr, length)]
+        pieces = self._segments(addr, length)
+        if len(pieces) == 1:
+            o, n = pieces[0]
+            return [mv[o : o + n]]
+        return [mv[o : o + n] for o, n in pieces]
 
     # -- copies ---------------------------------------------------------------------------------
 
@@ -225,7 +237,11 @@ class GuestMemory:
         off = addr - self._base0
         if 0 <= off <= self._size0 - length and length >= 0:
             return self._mm[off : off + length]
-        return b"".join(self._mm[o : o + n] for o, n in self._segments(addr, length))
+        pieces = self._segments(addr, length)
+        if len(pieces) == 1:
+            o, n = pieces[0]
+            return self._mm[o : o + n]
+        return b"".join([self._mm[o : o + n] for o, n in pieces])
 
     def write(self, addr: int, data: BytesLike) -> None:
         """Copy ``data`` into guest memory at ``addr``."""
@@ -250,19 +266,19 @@ class GuestMemory:
 
     def read_u16(self, addr: int) -> int:
         off = addr - self._base0
-        if not 0 <= off <= self._size0 - 2:
+        if not 0 <= off <= self._lim2:
             off = self._offset(addr, 2)
         return _U16.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
 
     def read_u32(self, addr: int) -> int:
         off = addr - self._base0
-        if not 0 <= off <= self._size0 - 4:
+        if not 0 <= off <= self._lim4:
             off = self._offset(addr, 4)
         return _U32.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
 
     def read_u64(self, addr: int) -> int:
         off = addr - self._base0
-        if not 0 <= off <= self._size0 - 8:
+        if not 0 <= off <= self._lim8:
             off = self._offset(addr, 8)
         return _U64.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
 
@@ -274,19 +290,19 @@ class GuestMemory:
 
     def write_u16(self, addr: int, value: int) -> None:
         off = addr - self._base0
-        if not 0 <= off <= self._size0 - 2:
+        if not 0 <= off <= self._lim2:
             off = self._offset(addr, 2)
         _U16.pack_into(self._mm, off, value)
 
     def write_u32(self, addr: int, value: int) -> None:
         off = addr - self._base0
-        if not 0 <= off <= self._size0 - 4:
+        if not 0 <= off <= self._lim4:
             off = self._offset(addr, 4)
         _U32.pack_into(self._mm, off, value)
 
     def write_u64(self, addr: int, value: int) -> None:
         off = addr - self._base0
-        if not 0 <= off <= self._size0 - 8:
+        if not 0 <= off <= self._lim8:
             off = self._offset(addr, 8)
         _U64.pack_into(self._mm, off, value)
 
@@ -328,6 +344,7 @@ class GuestMemory:
         self._closed = True
         # Make the fast path fail and the slow path find nothing.
         self._size0 = -1
+        self._set_limits()
         self._bases = []
         self._ends = []
         self._deltas = []
