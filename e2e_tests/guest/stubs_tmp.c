@@ -1,7 +1,5 @@
 #include "guest.h"
 #include "scenarios.h"
-void sc_rng_read(void) { fail("todo"); }
-void sc_console_echo(void) { fail("todo"); }
 void sc_net_echo(void) { fail("todo"); }
 void sc_balloon(void) { fail("todo"); }
 void sc_vsock_echo(void) { fail("todo"); }
