@@ -66,8 +66,8 @@ int kvm_vcpu_close(struct kvm_vcpu_handle *h);
 int kvm_vcpu_kick(struct kvm_vcpu_handle *h);
 int kvm_vcpu_read_run(struct kvm_vcpu_handle *h, size_t offset, void *dst, size_t len);
 int kvm_vcpu_set_immediate_exit(struct kvm_vcpu_handle *h, int value);
-int kvm_vcpu_set_io_data(struct kvm_vcpu_handle *h, const uint8_t *buf, size_t len);
-int kvm_vcpu_set_mmio_data(struct kvm_vcpu_handle *h, const uint8_t *buf, size_t len);
+int kvm_vcpu_set_io_data(struct kvm_vcpu_handle *h, const char *buf, size_t len);
+int kvm_vcpu_set_mmio_data(struct kvm_vcpu_handle *h, const char *buf, size_t len);
 """
 
 CUSTOMIZATIONS = r"""
@@ -319,7 +319,7 @@ static int kvm_vcpu_set_immediate_exit(struct kvm_vcpu_handle *h, int value)
 }
 
 /* The reply to an IN exit: exactly size * count bytes, inside the mapped page. */
-static int kvm_vcpu_set_io_data(struct kvm_vcpu_handle *h, const uint8_t *buf, size_t len)
+static int kvm_vcpu_set_io_data(struct kvm_vcpu_handle *h, const char *buf, size_t len)
 {
     struct kvm_run *run;
     int r = 0;
@@ -338,7 +338,7 @@ static int kvm_vcpu_set_io_data(struct kvm_vcpu_handle *h, const uint8_t *buf, s
 }
 
 /* The reply to an MMIO read: exactly mmio.len bytes. */
-static int kvm_vcpu_set_mmio_data(struct kvm_vcpu_handle *h, const uint8_t *buf, size_t len)
+static int kvm_vcpu_set_mmio_data(struct kvm_vcpu_handle *h, const char *buf, size_t len)
 {
     struct kvm_run *run;
     int r = 0;
