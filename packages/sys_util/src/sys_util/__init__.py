@@ -6,15 +6,33 @@ get bounds-checked objects that own their file descriptors.
 
 from sys_util.__about__ import __version__
 from sys_util._address import GuestAddress
+from sys_util._cpus import number_of_online_cpus, online_cpus, parse_cpu_list, read_online_cpus
 from sys_util._eventfd import EventFd
+from sys_util._falloc import allocate, fallocate, punch_hole, write_zeroes
 from sys_util._fd import AsRawFd, OwnedFd
 from sys_util._guest_memory import GuestMemory, MemoryRegion
+from sys_util._logging import init_logging, logging_fds
 from sys_util._mmap import BytesLike, MemoryMapping, pagesize
 from sys_util._poll import PollContext, PollEvents
+from sys_util._seqpacket import UnixSeqpacket, UnixSeqpacketListener
 from sys_util._shm import Seals, SharedMemory
-from sys_util.errors import Error, GuestMemoryError, InvalidArgument
+from sys_util._signal import (
+    KICK_SIGNAL,
+    block_signals,
+    blocked_signals,
+    clear_pending_signal,
+    install_kick_handler,
+    kick_handler_installed,
+    kick_thread,
+    signals_blocked,
+    unblock_signals,
+)
+from sys_util._terminal import RawTerminal, restore_mode, set_raw_mode
+from sys_util._timerfd import TimerFd
+from sys_util.errors import Error, GuestMemoryError, InvalidArgument, MessageTruncated
 
 __all__ = [
+    "KICK_SIGNAL",
     "AsRawFd",
     "BytesLike",
     "Error",
@@ -25,11 +43,36 @@ __all__ = [
     "InvalidArgument",
     "MemoryMapping",
     "MemoryRegion",
+    "MessageTruncated",
     "OwnedFd",
     "PollContext",
     "PollEvents",
+    "RawTerminal",
     "Seals",
     "SharedMemory",
+    "TimerFd",
+    "UnixSeqpacket",
+    "UnixSeqpacketListener",
     "__version__",
+    "allocate",
+    "block_signals",
+    "blocked_signals",
+    "clear_pending_signal",
+    "fallocate",
+    "init_logging",
+    "install_kick_handler",
+    "kick_handler_installed",
+    "kick_thread",
+    "logging_fds",
+    "number_of_online_cpus",
+    "online_cpus",
     "pagesize",
+    "parse_cpu_list",
+    "punch_hole",
+    "read_online_cpus",
+    "restore_mode",
+    "set_raw_mode",
+    "signals_blocked",
+    "unblock_signals",
+    "write_zeroes",
 ]
