@@ -11,7 +11,7 @@ from sys_util._eventfd import EventFd
 from sys_util._falloc import allocate, fallocate, punch_hole, write_zeroes
 from sys_util._fd import AsRawFd, OwnedFd
 from sys_util._guest_memory import GuestMemory, MemoryRegion
-from sys_util._logging import init_logging, logging_fds
+from sys_util._logging import init_logging, logging_fds, reset_logging
 from sys_util._mmap import BytesLike, MemoryMapping, pagesize
 from sys_util._poll import PollContext, PollEvents
 from sys_util._seqpacket import UnixSeqpacket, UnixSeqpacketListener
@@ -70,6 +70,7 @@ __all__ = [
     "parse_cpu_list",
     "punch_hole",
     "read_online_cpus",
+    "reset_logging",
     "restore_mode",
     "set_raw_mode",
     "signals_blocked",

@@ -7,7 +7,7 @@ import logging.handlers
 import os
 import sys
 
-__all__ = ["init_logging", "logging_fds"]
+__all__ = ["init_logging", "logging_fds", "reset_logging"]
 
 _STDERR_FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
 _installed: logging.Handler | None = None
@@ -27,15 +27,16 @@ def init_logging(
     falls back to stderr with a warning rather than failing to start the VMM.
     """
     global _installed
+    reset_logging()
     root = logging.getLogger()
-    if _installed is not None:
-        root.removeHandler(_installed)
-        _installed.close()
-        _installed = None
     handler: logging.Handler
     fallback = False
     if syslog:
         try:
+            # SysLogHandler swallows a failed connect (and retries on every record), so check
+            # for the socket first: an absent syslog must be visible, not silently drop logs.
+            if not os.path.exists(syslog_address):
+                raise FileNotFoundError(syslog_address)
             handler = logging.handlers.SysLogHandler(address=syslog_address)
             handler.ident = f"{ident}[{os.getpid()}]: "
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -66,3 +67,12 @@ def logging_fds() -> list[int]:
         except (AttributeError, OSError, ValueError):
             return []
     return []
+
+
+def reset_logging() -> None:
+    """Remove (and close) the handler installed by :func:`init_logging`, if any."""
+    global _installed
+    if _installed is not None:
+        logging.getLogger().removeHandler(_installed)
+        _installed.close()
+        _installed = None
