@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-from sys_util import EventFd
 
 from devices.pci import (
     MSIX_CAP_ID,
@@ -18,6 +17,7 @@ from devices.pci import (
     PciRoot,
 )
 from devices.testing import FakeIrqRouter
+from sys_util import EventFd
 
 
 def cfg_addr(dev: int, reg: int, bus: int = 0, func: int = 0) -> bytes:
@@ -35,7 +35,9 @@ def write32(io: PciConfigIo, dev: int, reg: int, value: int) -> None:
 
 
 def make_device() -> PciConfiguration:
-    cfg = PciConfiguration(vendor_id=0x1AF4, device_id=0x1042, class_code=PciClass.MASS_STORAGE, subclass=0x80)
+    cfg = PciConfiguration(
+        vendor_id=0x1AF4, device_id=0x1042, class_code=PciClass.MASS_STORAGE, subclass=0x80
+    )
     cfg.add_bar(PciBar(0, 0xE000_0000, 0x8000, BarType.MEM64))
     cfg.add_bar(PciBar(2, 0xE010_0000, 0x1000, BarType.MEM32, prefetchable=True))
     return cfg

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sys_util import EventFd, GuestMemory
 
 from devices.testing import VirtQueueDriver, make_guest_memory
 from devices.virtio import Block, DiskImageLocked, Interrupt, RawDisk
@@ -28,6 +27,7 @@ from devices.virtio.block import (
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 )
+from sys_util import EventFd
 
 IMAGE_SIZE = 1 << 20
 HDR = struct.Struct("<IIQ")
@@ -60,7 +60,13 @@ class Harness:
         block.activate(self.mem, self.interrupt, [self.queue], [self.kick_evt])
 
     def request(
-        self, req_type: int, sector: int = 0, data: bytes = b"", read_len: int = 0, *, indirect: bool = False
+        self,
+        req_type: int,
+        sector: int = 0,
+        data: bytes = b"",
+        read_len: int = 0,
+        *,
+        indirect: bool = False,
     ) -> tuple[int, bytes, int]:
         """Submit one request; return (status, data read, used length)."""
         readable = [HDR.pack(req_type, 0, sector)] + ([data] if data else [])
@@ -224,9 +230,12 @@ def test_flock_exclusive_for_writers(image: Path) -> None:
         assert str(image) in str(info.value) and info.value.exclusive
         with pytest.raises(DiskImageLocked):
             RawDisk(image, read_only=True)
-    with RawDisk(image, read_only=True), RawDisk(image, read_only=True):
-        with pytest.raises(DiskImageLocked):
-            RawDisk(image)
+    with (
+        RawDisk(image, read_only=True),
+        RawDisk(image, read_only=True),
+        pytest.raises(DiskImageLocked),
+    ):
+        RawDisk(image)
     RawDisk(image).close()  # all released
 
 
@@ -261,7 +270,9 @@ def test_config_space_layout(rw: Harness) -> None:
     assert len(cfg) == 60
     assert struct.unpack_from("<I", cfg, 12)[0] == 254  # seg_max = max queue size - 2
     assert struct.unpack_from("<I", cfg, 20)[0] == 512  # blk_size
-    max_discard_sectors, max_discard_seg, align, max_wz, max_wz_seg = struct.unpack_from("<5I", cfg, 36)
+    max_discard_sectors, max_discard_seg, align, max_wz, max_wz_seg = struct.unpack_from(
+        "<5I", cfg, 36
+    )
     assert max_discard_seg == 32 and max_wz_seg == 32 and align >= 1
     assert max_discard_sectors > 0 and max_wz > 0
     assert cfg[56] == 1

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sys_util import EventFd, GuestMemory
 
 from devices.pci import MSIX_CAP_ID, PciConfigIo, PciRoot
 from devices.testing import FakeIrqRouter, VirtQueueDriver, make_guest_memory
@@ -23,6 +22,7 @@ from devices.virtio import (
     VirtioPciDevice,
 )
 from devices.virtio.block import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN
+from sys_util import EventFd, GuestMemory
 
 BAR_BASE = 0xE000_0000
 HDR = struct.Struct("<IIQ")
@@ -102,7 +102,9 @@ class Driver:
         assert self.common(24, 2) >= vq.size
         self.set_common(24, 2, vq.size)
         self.set_common(26, 2, vector)
-        self.dev.write(self.caps[1][2] + 32, vq.desc_table.to_bytes(8, "little"))  # one 64-bit write
+        self.dev.write(
+            self.caps[1][2] + 32, vq.desc_table.to_bytes(8, "little")
+        )  # one 64-bit write
         for off, addr in ((40, vq.avail_ring), (48, vq.used_ring)):  # two 32-bit halves
             self.set_common(off, 4, addr & 0xFFFF_FFFF)
             self.set_common(off + 4, 4, addr >> 32)

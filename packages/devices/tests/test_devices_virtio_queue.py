@@ -6,7 +6,6 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from sys_util import GuestMemory
 
 from devices.testing import VirtQueueDriver, make_guest_memory
 from devices.virtio import (
@@ -20,6 +19,7 @@ from devices.virtio import (
     Queue,
     vring_need_event,
 )
+from sys_util import GuestMemory
 
 MEM_SIZE = 4 << 20
 RING = 0x1000
@@ -31,7 +31,9 @@ def mem() -> Iterator[GuestMemory]:
         yield m
 
 
-def make(mem: GuestMemory, size: int = 16, features: int = RING_FEATURES) -> tuple[VirtQueueDriver, Queue]:
+def make(
+    mem: GuestMemory, size: int = 16, features: int = RING_FEATURES
+) -> tuple[VirtQueueDriver, Queue]:
     drv = VirtQueueDriver(mem, RING, size)
     return drv, drv.make_queue(features=features)
 

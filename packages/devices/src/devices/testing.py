@@ -15,8 +15,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sys_util import EventFd, GuestMemory
-
 from devices.irq import FileDescriptorLike
 from devices.virtio._queue import (
     VIRTQ_DESC_F_INDIRECT,
@@ -24,6 +22,7 @@ from devices.virtio._queue import (
     VIRTQ_DESC_F_WRITE,
     Queue,
 )
+from sys_util import EventFd, GuestMemory
 
 __all__ = [
     "FakeIrqRouter",
@@ -206,7 +205,7 @@ class VirtQueueDriver:
         idx = self.used_idx()
         while self.last_used != idx:
             slot = self.last_used % self.size
-            out.append(self.mem.read_struct(self.used_ring + 4 + 8 * slot, _USED))  # type: ignore[arg-type]
+            out.append(self.mem.read_struct(self.used_ring + 4 + 8 * slot, _USED))
             self.last_used = (self.last_used + 1) & 0xFFFF
         for head, _ in out:
             chain = self._chains.pop(head, None)
@@ -222,7 +221,9 @@ class VirtQueueDriver:
         deadline = time.monotonic() + timeout
         while ((self.used_idx() - self.last_used) & 0xFFFF) < count:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"device used {(self.used_idx() - self.last_used) & 0xFFFF} of {count}")
+                raise TimeoutError(
+                    f"device used {(self.used_idx() - self.last_used) & 0xFFFF} of {count}"
+                )
             time.sleep(0.0005)
         return self.pop_used()
 

@@ -171,7 +171,7 @@ class PciConfiguration:
         if bar.address & (size - 1):
             raise ValueError(f"BAR address {bar.address:#x} is not aligned to its size")
         last = bar.index + (1 if bar.bar_type == BarType.MEM64 else 0)
-        if not 0 <= bar.index or last >= NUM_BARS:
+        if not bar.index >= 0 or last >= NUM_BARS:
             raise ValueError(f"BAR index {bar.index} out of range")
         if bar.bar_type == BarType.MEM32 and bar.address + size > 1 << 32:
             raise ValueError("32-bit BAR above 4 GiB")

@@ -12,9 +12,8 @@ import logging
 import struct
 import threading
 
-from sys_util import EventFd
-
 from devices.irq import IrqRouter
+from sys_util import EventFd
 
 __all__ = ["MSIX_CAP_ID", "MSIX_ENTRY_SIZE", "MsixConfig"]
 
@@ -63,7 +62,9 @@ class MsixConfig:
     def pba_size(self) -> int:
         return ((self._n + 63) // 64) * 8
 
-    def capability_body(self, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int) -> bytes:
+    def capability_body(
+        self, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int
+    ) -> bytes:
         """The 10 bytes after the cap id/next: message control, table and PBA locations."""
         return struct.pack(
             "<HII",

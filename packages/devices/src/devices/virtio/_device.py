@@ -15,16 +15,14 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from sys_util import EventFd, PollContext
-
 from devices.virtio._constants import Features
 from devices.virtio._log import RateLimitedLog
+from sys_util import AsRawFd, EventFd, PollContext
 
 if TYPE_CHECKING:
-    from sys_util import GuestMemory
-
     from devices.virtio._interrupt import Interrupt
     from devices.virtio._queue import Queue
+    from sys_util import GuestMemory
 
 __all__ = ["RING_FEATURES", "ThreadedVirtioDevice", "VirtioDevice"]
 
@@ -70,6 +68,7 @@ class VirtioDevice(abc.ABC):
 
     def write_config(self, offset: int, data: bytes) -> None:
         """Most devices have a read-only configuration; writes are ignored."""
+        return
 
     def config_space(self) -> bytes:
         """The device configuration structure (override, or override read_config)."""
@@ -122,7 +121,7 @@ class ThreadedVirtioDevice(VirtioDevice):
     def process_queue(self, index: int, queue: Queue) -> None:
         """Serve every available chain of ``queue`` (called in the worker thread)."""
 
-    def extra_poll_sources(self) -> list[tuple[object, Callable[[], None]]]:
+    def extra_poll_sources(self) -> list[tuple[int | AsRawFd, Callable[[], None]]]:
         """Additional ``(fd_or_obj, handler)`` pairs for the worker's poll loop."""
         return []
 
@@ -183,9 +182,9 @@ class ThreadedVirtioDevice(VirtioDevice):
                     if token == -1:
                         self._poll = None
                         return
-                    handler = handlers.get(token)
-                    if handler is not None:
-                        self._safe(handler)
+                    found = handlers.get(token)
+                    if found is not None:
+                        self._safe(found)
 
     def _queue_handler(self, index: int, evt: EventFd) -> Callable[[], None]:
         queue = self.queues[index]

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 from devices.virtio._constants import VIRTIO_MSI_NO_VECTOR, IsrBits
 
 if TYPE_CHECKING:
-    from sys_util import EventFd
-
     from devices.pci import MsixConfig
+    from sys_util import EventFd
 
 __all__ = ["Interrupt"]
 

@@ -25,8 +25,6 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from sys_util import EventFd
-
 from devices.irq import IoEvent, IrqRouter
 from devices.pci import (
     BarAllocationError,
@@ -48,11 +46,11 @@ from devices.virtio._errors import InvalidQueue
 from devices.virtio._interrupt import Interrupt
 from devices.virtio._log import RateLimitedLog
 from devices.virtio._queue import Queue
+from sys_util import EventFd
 
 if TYPE_CHECKING:
-    from sys_util import GuestMemory
-
     from devices.virtio._device import VirtioDevice
+    from sys_util import GuestMemory
 
 __all__ = [
     "BAR0_SIZE",
@@ -223,7 +221,8 @@ class VirtioPciDevice:
     def _add_capabilities(self) -> None:
         cfg = self.config
         cfg.add_capability(
-            VIRTIO_PCI_CAP_ID, _virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_SIZE)
+            VIRTIO_PCI_CAP_ID,
+            _virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_SIZE),
         )
         cfg.add_capability(
             VIRTIO_PCI_CAP_ID, _virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_CFG_OFFSET, ISR_CFG_SIZE)
@@ -277,11 +276,12 @@ class VirtioPciDevice:
         """The ioeventfds to register: one per queue at its notify address (no datamatch)."""
         base = self.bar_address + NOTIFY_CFG_OFFSET
         return [
-            IoEvent(evt, base + i * NOTIFY_OFF_MULTIPLIER)
-            for i, evt in enumerate(self._queue_evts)
+            IoEvent(evt, base + i * NOTIFY_OFF_MULTIPLIER) for i, evt in enumerate(self._queue_evts)
         ]
 
-    def assign_irq(self, irq_evt: EventFd, resample_evt: EventFd | None, line: int, pin: int) -> None:
+    def assign_irq(
+        self, irq_evt: EventFd, resample_evt: EventFd | None, line: int, pin: int
+    ) -> None:
         """Give the function a legacy INTx line (the owner registers the irqfd)."""
         self.config.set_irq(line, pin)
         self.interrupt.set_intx(irq_evt, resample_evt)
@@ -303,9 +303,7 @@ class VirtioPciDevice:
             if 4 <= reg_idx <= 5 and self._bar is not None:
                 current = self.config.bar_address(0)
                 if current not in (self._bar.address, (~(BAR0_SIZE - 1)) & 0xFFFF_FFFF_FFFF_FFF0):
-                    self.log.warn(
-                        "guest moved BAR0 to %#x; relocation is not supported", current
-                    )
+                    self.log.warn("guest moved BAR0 to %#x; relocation is not supported", current)
 
     # -- BAR0 MMIO (BusDevice) -------------------------------------------------------------
 
@@ -382,9 +380,11 @@ class VirtioPciDevice:
         if name == "queue_notify_off":
             return self._queue_select
         field, half = name.rsplit("_", 1)
-        addr = {"queue_desc": q.desc_table, "queue_driver": q.avail_ring, "queue_device": q.used_ring}[
-            field
-        ]
+        addr = {
+            "queue_desc": q.desc_table,
+            "queue_driver": q.avail_ring,
+            "queue_device": q.used_ring,
+        }[field]
         return addr & 0xFFFF_FFFF if half == "lo" else addr >> 32
 
     def _read_common(self, offset: int, size: int) -> bytes:
@@ -451,9 +451,11 @@ class VirtioPciDevice:
         elif name == "queue_enable":
             q.ready = value == 1
         elif name.startswith("queue_") and name[-3:] in ("_lo", "_hi"):
-            attr = {"queue_desc": "desc_table", "queue_driver": "avail_ring", "queue_device": "used_ring"}[
-                name[:-3]
-            ]
+            attr = {
+                "queue_desc": "desc_table",
+                "queue_driver": "avail_ring",
+                "queue_device": "used_ring",
+            }[name[:-3]]
             cur: int = getattr(q, attr)
             if name.endswith("_lo"):
                 cur = (cur & ~0xFFFF_FFFF) | value
@@ -545,5 +547,3 @@ class VirtioPciDevice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-

@@ -20,9 +20,8 @@ from devices.virtio._log import RateLimitedLog
 from devices.virtio._reader_writer import Reader, Writer
 
 if TYPE_CHECKING:
-    from sys_util import GuestMemory
-
     from devices.virtio._interrupt import Interrupt
+    from sys_util import GuestMemory
 
 __all__ = [
     "MAX_INDIRECT_DESCRIPTORS",
@@ -33,6 +32,7 @@ __all__ = [
     "VIRTQ_USED_F_NO_NOTIFY",
     "DescriptorChain",
     "Queue",
+    "RamMap",
     "vring_need_event",
 ]
 
@@ -53,6 +53,52 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
+class RamMap:
+    """Guest RAM as ``(base, end, view)`` per region, for fast checks and zero-copy slices.
+
+    Built once per activation so the per-descriptor hot path is a couple of integer compares
+    and a memoryview slice instead of a GuestMemory method call.
+    """
+
+    __slots__ = ("_base0", "_end0", "_regions", "_view0")
+
+    def __init__(self, mem: GuestMemory) -> None:
+        regions = sorted((r.guest_base, r.guest_base + r.size) for r in mem.regions)
+        self._regions = [(b, e, mem.view(b, e - b)) for b, e in regions]
+        self._base0, self._end0, self._view0 = self._regions[0]
+
+    def contains(self, addr: int, length: int) -> bool:
+        """True if ``[addr, addr+length)`` lies in guest RAM (adjacent regions allowed)."""
+        if self._base0 <= addr and addr + length <= self._end0:
+            return True
+        end = addr + length
+        cur = addr
+        for base, rend, _ in self._regions:
+            if base <= cur < rend:
+                if end <= rend:
+                    return True
+                cur = rend
+        return False
+
+    def views(self, addr: int, length: int) -> list[memoryview]:
+        """Zero-copy views of ``[addr, addr+length)`` (call only after :meth:`contains`)."""
+        base0 = self._base0
+        if base0 <= addr and addr + length <= self._end0:
+            off = addr - base0
+            return [self._view0[off : off + length]]
+        out: list[memoryview] = []
+        cur, left = addr, length
+        for base, rend, view in self._regions:
+            if left and base <= cur < rend:
+                take = min(left, rend - cur)
+                out.append(view[cur - base : cur - base + take])
+                cur += take
+                left -= take
+        if left:
+            raise InvalidChain(None, f"range [{addr:#x}, +{length:#x}) outside guest RAM")
+        return out
+
+
 def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """True if moving an index from ``old_idx`` to ``new_idx`` crosses ``event_idx``.
 
@@ -68,28 +114,34 @@ class DescriptorChain:
     ``reader()``/``writer()`` give zero-copy access to the two directions.
     """
 
-    __slots__ = ("head", "mem", "readable", "writable")
+    __slots__ = ("head", "ram", "readable", "readable_len", "writable", "writable_len")
 
     def __init__(
         self,
-        mem: GuestMemory,
+        ram: RamMap,
         head: int,
         readable: list[tuple[int, int]],
         writable: list[tuple[int, int]],
+        readable_len: int | None = None,
+        writable_len: int | None = None,
     ) -> None:
-        self.mem = mem
+        self.ram = ram
         self.head = head
         self.readable = readable
         self.writable = writable
+        self.readable_len = sum(n for _, n in readable) if readable_len is None else readable_len
+        self.writable_len = sum(n for _, n in writable) if writable_len is None else writable_len
 
     def reader(self) -> Reader:
-        return Reader(self.mem, self.readable)
+        return Reader(self.ram, self.readable, self.readable_len)
 
     def writer(self) -> Writer:
-        return Writer(self.mem, self.writable)
+        return Writer(self.ram, self.writable, self.writable_len)
 
     def __repr__(self) -> str:
-        return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
+        return (
+            f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
+        )
 
 
 class Queue:
@@ -122,6 +174,7 @@ class Queue:
         self.invalid_chains = 0
         self._signalled_used: int | None = None
         self._mem: GuestMemory | None = None
+        self._ram: RamMap | None = None
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
@@ -156,6 +209,7 @@ class Queue:
         except Exception as err:  # a ring straddling two memory regions
             raise InvalidQueue(f"ring not contiguous in one memory region: {err}") from err
         self._mem = mem
+        self._ram = RamMap(mem)
         self.event_idx = bool(features >> Features.RING_EVENT_IDX & 1)
         self.indirect = bool(features >> Features.RING_INDIRECT_DESC & 1)
         self.next_avail = 0
@@ -240,19 +294,21 @@ class Queue:
 
     def _parse_chain(self, head: int) -> DescriptorChain:
         mem = self._mem
+        ram = self._ram
         table = self._desc
-        assert mem is not None and table is not None
+        assert mem is not None and ram is not None and table is not None
         table_size = self.size
         if head >= table_size:
             raise InvalidChain(None, f"head index {head} >= queue size {table_size}")
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         total = 0
+        rlen = 0
         idx = head
         count = 0
         in_indirect = False
         unpack = _DESC.unpack_from
-        checked_range = mem.checked_range
+        checked_range = ram.contains
         while True:
             addr, length, flags, nxt = unpack(table, idx * 16)
             count += 1
@@ -268,11 +324,13 @@ class Queue:
                 if length // 16 > MAX_INDIRECT_DESCRIPTORS:
                     raise InvalidChain(head, f"indirect table of {length // 16} descriptors")
                 if not checked_range(addr, length):
-                    raise InvalidChain(head, f"indirect table [{addr:#x}, +{length:#x}) outside RAM")
-                try:
-                    table = mem.view(addr, length)
-                except Exception as err:
-                    raise InvalidChain(head, f"indirect table not contiguous: {err}") from err
+                    raise InvalidChain(
+                        head, f"indirect table [{addr:#x}, +{length:#x}) outside RAM"
+                    )
+                views = ram.views(addr, length)
+                if len(views) != 1:
+                    raise InvalidChain(head, "indirect table spans two memory regions")
+                table = views[0]
                 table_size = length // 16
                 idx = 0
                 count = 0
@@ -290,8 +348,9 @@ class Queue:
                     raise InvalidChain(head, "device-readable descriptor after a writable one")
                 else:
                     readable.append((addr, length))
+                    rlen += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return DescriptorChain(mem, head, readable, writable)
+                return DescriptorChain(ram, head, readable, writable, rlen, total - rlen)
             if nxt >= table_size:
                 raise InvalidChain(head, f"next index {nxt} >= table size {table_size}")
             if count >= table_size:

@@ -3,7 +3,8 @@
 A :class:`Reader` walks the device-readable segments, a :class:`Writer` the device-writable ones.
 Both hand out ``memoryview`` iovecs straight into guest RAM so block I/O can ``os.preadv`` /
 ``os.pwritev`` without an intermediate copy. The segments were bounds-checked when the chain
-was parsed; GuestMemory checks again on every view.
+was parsed, and the views are slices of the regions' own memoryviews, which cannot reach past
+the mapping.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ from typing import TYPE_CHECKING
 from devices.virtio._errors import ChainTooShort
 
 if TYPE_CHECKING:
-    from sys_util import GuestMemory
+    from devices.virtio._queue import RamMap
 
 __all__ = ["Reader", "Writer"]
 
 
 class _Cursor:
-    __slots__ = ("_idx", "_mem", "_off", "_remaining", "_segs", "done")
+    __slots__ = ("_idx", "_off", "_ram", "_remaining", "_segs", "done")
 
-    def __init__(self, mem: GuestMemory, segments: list[tuple[int, int]]) -> None:
-        self._mem = mem
+    def __init__(self, ram: RamMap, segments: list[tuple[int, int]], total: int | None) -> None:
+        self._ram = ram
         self._segs = segments
         self._idx = 0
         self._off = 0
-        self._remaining = sum(length for _, length in segments)
+        self._remaining = sum(length for _, length in segments) if total is None else total
         self.done = 0
 
     def available_bytes(self) -> int:
@@ -39,7 +40,7 @@ class _Cursor:
             raise ChainTooShort(n, self._remaining)
         out: list[memoryview] = []
         segs = self._segs
-        iovecs = self._mem.iovecs
+        iovecs = self._ram.views
         while n:
             addr, length = segs[self._idx]
             left = length - self._off
@@ -88,8 +89,10 @@ class Reader:
 
     __slots__ = ("_cur",)
 
-    def __init__(self, mem: GuestMemory, segments: list[tuple[int, int]]) -> None:
-        self._cur = _Cursor(mem, segments)
+    def __init__(
+        self, ram: RamMap, segments: list[tuple[int, int]], total: int | None = None
+    ) -> None:
+        self._cur = _Cursor(ram, segments, total)
 
     def available_bytes(self) -> int:
         """Bytes left to read."""
@@ -124,7 +127,7 @@ class Reader:
     def split_at(self, offset: int) -> Reader:
         """Keep the next ``offset`` bytes in this reader; return a reader of the rest."""
         tail = self._cur.split_at(offset)
-        return Reader(self._cur._mem, tail)
+        return Reader(self._cur._ram, tail)
 
 
 class Writer:
@@ -132,8 +135,10 @@ class Writer:
 
     __slots__ = ("_cur",)
 
-    def __init__(self, mem: GuestMemory, segments: list[tuple[int, int]]) -> None:
-        self._cur = _Cursor(mem, segments)
+    def __init__(
+        self, ram: RamMap, segments: list[tuple[int, int]], total: int | None = None
+    ) -> None:
+        self._cur = _Cursor(ram, segments, total)
 
     def available_bytes(self) -> int:
         """Bytes of room left."""
@@ -163,4 +168,4 @@ class Writer:
     def split_at(self, offset: int) -> Writer:
         """Keep the next ``offset`` bytes in this writer; return a writer of the rest."""
         tail = self._cur.split_at(offset)
-        return Writer(self._cur._mem, tail)
+        return Writer(self._cur._ram, tail)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from devices.virtio._constants import DeviceType
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
 from devices.virtio._queue import Queue
+from sys_util import AsRawFd
 
 __all__ = ["VIRTIO_CONSOLE_F_SIZE", "Console"]
 
@@ -24,7 +25,6 @@ RECEIVEQ = 0
 TRANSMITQ = 1
 VIRTIO_CONSOLE_F_SIZE = 0
 _CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
-_INPUT_TOKEN_HINT = "console-input"
 
 
 class Console(ThreadedVirtioDevice):
@@ -75,7 +75,7 @@ class Console(ThreadedVirtioDevice):
     def on_activate(self) -> None:
         self._input_polled = False
 
-    def extra_poll_sources(self) -> list[tuple[object, Callable[[], None]]]:
+    def extra_poll_sources(self) -> list[tuple[int | AsRawFd, Callable[[], None]]]:
         if self._input_fd is None or self._input_eof:
             return []
         self._input_polled = True
