@@ -6,17 +6,27 @@ Every failure ends as one line on stderr: usage mistakes (:class:`ConfigError`) 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 
+from crosvm import control
 from crosvm.__about__ import __version__
-from crosvm.errors import ConfigError, Error
+from crosvm.errors import ConfigError, ControlError, Error
 
 USAGE = """\
 usage: crosvm SUBCOMMAND [ARGS]
 
 subcommands:
   run [OPTIONS] KERNEL     boot a kernel in a new VM (crosvm run --help for options)
+  stop SOCKET              stop the VM behind the control socket
+  suspend SOCKET           pause its vCPUs
+  resume SOCKET            resume its vCPUs
+  balloon SIZE SOCKET      set the balloon size (bytes, or with K/M/G suffix)
+  balloon_stats SOCKET     print the guest's memory statistics
+  disk resize INDEX SIZE SOCKET
+                           grow disk INDEX (0 = vda) to SIZE bytes
   create_qcow2 PATH SIZE   create an empty qcow2 image of SIZE bytes
   version                  print the version
 """
@@ -57,8 +67,56 @@ def _create_qcow2(argv: Sequence[str]) -> int:
     return 0
 
 
+def _control(name: str, argv: Sequence[str], count: int) -> list[str]:
+    if len(argv) != count:
+        raise ConfigError(f"crosvm {name}: expected {count} argument(s), got {len(argv)}")
+    return list(argv)
+
+
+def _simple_request(name: str, request: control.VmRequest) -> Callable[[Sequence[str]], int]:
+    def command(argv: Sequence[str]) -> int:
+        (socket_path,) = _control(name, argv, 1)
+        control.send_request(socket_path, request)
+        return 0
+
+    return command
+
+
+def _balloon(argv: Sequence[str]) -> int:
+    size, socket_path = _control("balloon", argv, 2)
+    command = control.Adjust(_parse_size(size))
+    control.send_request(socket_path, control.BalloonCommand(command))
+    return 0
+
+
+def _balloon_stats(argv: Sequence[str]) -> int:
+    (socket_path,) = _control("balloon_stats", argv, 1)
+    response = control.send_request(socket_path, control.BalloonCommand(control.Stats()))
+    if not isinstance(response, control.BalloonStats):
+        raise ControlError(f"unexpected reply {response!r}")
+    print(json.dumps(dataclasses.asdict(response), sort_keys=True))
+    return 0
+
+
+def _disk(argv: Sequence[str]) -> int:
+    if not argv or argv[0] != "resize":
+        raise ConfigError("crosvm disk: expected: disk resize DISK_INDEX NEW_SIZE SOCKET")
+    _, index, size, socket_path = _control("disk", argv, 4)
+    if not index.isdigit():
+        raise ConfigError(f"crosvm disk: DISK_INDEX must be a number, got {index!r}")
+    command = control.Resize(_parse_size(size))
+    control.send_request(socket_path, control.DiskCommand(int(index), command))
+    return 0
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "run": _run,
+    "stop": _simple_request("stop", control.Exit()),
+    "suspend": _simple_request("suspend", control.Suspend()),
+    "resume": _simple_request("resume", control.Resume()),
+    "balloon": _balloon,
+    "balloon_stats": _balloon_stats,
+    "disk": _disk,
     "version": _version,
     "create_qcow2": _create_qcow2,
 }
