@@ -6,7 +6,11 @@ extern u64 mem_total;
 
 void sc_hello(void) {
     printf("Hello from the pycrosvm test guest\n");
-    printf("RESULT hello=1 cpl=%u iopl=%u\n", 3u, 3u);
+    u64 cs, fl;
+    __asm__ volatile("mov %%cs, %0; pushfq; popq %1" : "=r"(cs), "=r"(fl));
+    extern int io_native;
+    printf("RESULT hello=1 cpl=%u iopl=%u io=%s\n", (unsigned)(cs & 3), (unsigned)((fl >> 12) & 3),
+           io_native ? "native" : "syscall");
 }
 
 void sc_cpuid(void) {

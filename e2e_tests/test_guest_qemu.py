@@ -1,0 +1,183 @@
+"""The native-speed test guest under QEMU + KVM: every non-hostile scenario, plus the hostile
+ones as a check of the guest itself (QEMU is the reference behaviour, not the subject)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from fixture import Disk, GuestConfig, GuestResult, HostProfile, launch, run_guest
+
+pytestmark = [pytest.mark.qemu, pytest.mark.kvm]
+
+
+def _run(cfg: GuestConfig, prof: HostProfile, timeout: float = 30.0) -> GuestResult:
+    return run_guest(cfg, vmm="qemu", timeout=prof.scale(timeout))
+
+
+def _image(path: Path, size: int, seed: int = 0) -> Path:
+    """A raw image of pseudo-random content (deterministic per seed)."""
+    data = bytearray()
+    block = hashlib.sha256(f"seed{seed}".encode()).digest()
+    while len(data) < size:
+        block = hashlib.sha256(block).digest()
+        data += block * 128
+    path.write_bytes(bytes(data[:size]))
+    return path
+
+
+def test_hello(host_profile: HostProfile) -> None:
+    res = _run(GuestConfig("hello"), host_profile)
+    hello = res.find("hello")
+    assert hello["cpl"] == "3"
+    assert res.find("boot")["boot"] == "pvh"
+    assert res.returncode == 0  # -no-reboot: the i8042 reset ends QEMU cleanly
+
+
+def test_unknown_scenario_fails(host_profile: HostProfile) -> None:
+    res = run_guest(GuestConfig("no-such-thing"), timeout=host_profile.scale(30), check=False)
+    assert res.status == "fail"
+    assert "unknown-scenario" in res.find("status")["reason"]
+
+
+def test_cpuid(host_profile: HostProfile) -> None:
+    c = _run(GuestConfig("cpuid"), host_profile).find("cpuid_vendor")
+    assert c["cpuid_vendor"] in ("GenuineIntel", "AuthenticAMD")
+    assert c["hypervisor"].startswith("KVMKVMKVM")
+    assert int(c["leaf1_edx"], 16) & (1 << 4)  # TSC
+
+
+def test_rtc_matches_host_clock(host_profile: HostProfile) -> None:
+    before = time.time()
+    rtc = int(_run(GuestConfig("rtc"), host_profile).find("rtc_epoch")["rtc_epoch"])
+    after = time.time()
+    assert before - 3 <= rtc <= after + 3
+
+
+def test_speed_probe(host_profile: HostProfile) -> None:
+    s = _run(GuestConfig("speed"), host_profile).find("speed")
+    assert int(s["cpl3_ips"]) > int(s["cpl0_ips"]) > 0
+    # the cached session profile and this run agree on the kind of host
+    emulating = int(s["cpl0_ips"]) < 50_000_000
+    assert emulating == host_profile.emulating
+
+
+def test_serial_echo(host_profile: HostProfile) -> None:
+    with launch(GuestConfig("serial-echo")) as vm:
+        vm.wait_for("READY serial-echo", host_profile.scale(30))
+        vm.send_serial(b"first line\nsecond\nEND\n")
+        res = vm.wait(host_profile.scale(30)).check()
+    assert "ECHO first line" in res.output and "ECHO second" in res.output
+    assert res.find("serial_lines")["serial_lines"] == "2"
+
+
+def test_pci_list(host_profile: HostProfile, tmp_path: Path) -> None:
+    img = _image(tmp_path / "d.img", 1 << 20)
+    res = _run(GuestConfig("pci-list", disks=(Disk(img),), rng=True), host_profile)
+    devs = {(e["vendor"], e["device"]) for e in res.find_all("pci")}
+    assert ("0x1af4", "0x1042") in devs  # virtio-blk (modern only)
+    assert ("0x1af4", "0x1044") in devs  # virtio-rng
+    assert ("0x8086", "0x29c0") in devs  # q35 host bridge
+    blk = next(e for e in res.find_all("pci") if e["device"] == "0x1042")
+    assert any(k.startswith("bar") for k in blk)
+
+
+@pytest.mark.parametrize("irq", ["poll", "msix", "intx"])
+def test_blk_read_sha256(host_profile: HostProfile, tmp_path: Path, irq: str) -> None:
+    img = _image(tmp_path / "d.img", 3 * (1 << 20) + 4096, seed=7)
+    cfg = GuestConfig("blk-read-sha256", {"irq": irq}, disks=(Disk(img, read_only=True),))
+    res = _run(cfg, host_profile)
+    r = res.find("sha256")
+    assert r["sha256"] == hashlib.sha256(img.read_bytes()).hexdigest()
+    assert int(r["bytes"]) == img.stat().st_size
+
+
+@pytest.mark.parametrize("irq", ["msix", "intx"])
+def test_interrupts_delivered(host_profile: HostProfile, tmp_path: Path, irq: str) -> None:
+    img = _image(tmp_path / "d.img", 1 << 20)
+    res = _run(GuestConfig("irq", {"irq": irq}, disks=(Disk(img),)), host_profile)
+    r = res.find("irq_mode")
+    assert r["irq_mode"] == irq
+    assert r["ok"] == r["requests"]
+    assert int(r["interrupts"]) > 0
+
+
+def test_blk_write_pattern(host_profile: HostProfile, tmp_path: Path) -> None:
+    img = tmp_path / "w.img"
+    img.write_bytes(b"\0" * (2 << 20))
+    res = _run(GuestConfig("blk-write-pattern", {"seed": 5}, disks=(Disk(img),)), host_profile)
+    r = res.find("written")
+    assert r["readback"] == "1"
+    assert int(r["written"]) == 2 << 20
+    assert r["sha256"] == hashlib.sha256(img.read_bytes()).hexdigest()
+    assert img.read_bytes() != b"\0" * (2 << 20)
+
+
+def test_blk_read_only_disk_refuses_write(host_profile: HostProfile, tmp_path: Path) -> None:
+    img = _image(tmp_path / "ro.img", 1 << 20)
+    before = img.read_bytes()
+    cfg = GuestConfig("blk-write-pattern", disks=(Disk(img, read_only=True),))
+    res = run_guest(cfg, timeout=host_profile.scale(30), check=False)
+    assert res.status == "fail"
+    assert img.read_bytes() == before
+
+
+def test_blk_bench_short(host_profile: HostProfile, tmp_path: Path) -> None:
+    img = tmp_path / "b.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    cfg = GuestConfig("blk-bench", {"bench_ms": 100}, mem_mib=256, disks=(Disk(img),))
+    res = _run(cfg, host_profile, timeout=60)
+    rows = res.find_all("bench")
+    assert {(r["bench"], r["qd"]) for r in rows} == {
+        (name, qd)
+        for name in ("seq-read", "seq-write", "rand-read", "rand-write")
+        for qd in ("1", "32")
+    }
+    for r in rows:
+        assert r["errors"] == "0" and int(r["ops"]) > 0
+
+
+def test_rng_read(host_profile: HostProfile) -> None:
+    r = _run(GuestConfig("rng-read", {"bytes": 32768}, rng=True), host_profile).find("rng_bytes")
+    assert r["rng_bytes"] == "32768"
+    assert int(r["distinct"]) == 256
+    assert 450 <= int(r["ones_permille"]) <= 550
+
+
+def test_console_echo(host_profile: HostProfile) -> None:
+    cfg = GuestConfig("console-echo", console_socket=Path("con.sock"))
+    message = b"".join(b"line %d of the virtio console test\n" % i for i in range(200)) + b"END\n"
+    with launch(cfg) as vm:
+        vm.wait_for("READY console-echo", host_profile.scale(30))
+        assert vm.config is not None and vm.config.console_socket is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(host_profile.scale(20))
+            s.connect(os.fspath(vm.config.console_socket))
+            s.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        res = vm.wait(host_profile.scale(30)).check()
+    assert got == message
+    assert res.find("console_rx")["console_rx"] == str(len(message))
+
+
+@pytest.mark.parametrize(
+    "case", ["desc-oob", "len-overflow", "chain-loop", "chain-10k", "wo-header", "queue-mmio"]
+)
+def test_hostile_cases_run(host_profile: HostProfile, tmp_path: Path, case: str) -> None:
+    """The guest's hostile requests are well-formed enough that QEMU (the reference) flags or
+    completes each one and still serves a valid request afterwards."""
+    img = _image(tmp_path / "h.img", 1 << 20)
+    res = _run(GuestConfig("hostile", {"case": case}, disks=(Disk(img),)), host_profile)
+    r = res.find("hostile")
+    assert r["hostile"] == case
+    assert r["survived"] == "1"
