@@ -23,6 +23,7 @@ from arch.x86_64.layout import BOOT_GDT_ADDR, BOOT_IDT_ADDR, PDE_ADDR, PDPTE_ADD
 __all__ = [
     "BOOT_CS",
     "BOOT_DS",
+    "BOOT_GDT_BYTES",
     "BOOT_TSS",
     "GDT_CODE64",
     "GDT_DATA",
@@ -45,6 +46,8 @@ GDT_CODE64 = 0xA09B  # G, L, present, DPL0, code exec/read accessed
 GDT_DATA = 0xC093  # G, D/B, present, DPL0, data read/write accessed
 GDT_TSS64 = 0x808B  # G, present, busy 64-bit TSS
 IDENTITY_MAPPED_GIB = 4
+#: Size of the boot GDT: six 8-byte slots (the TSS descriptor takes two).
+BOOT_GDT_BYTES = 48
 
 _PTE_PRESENT_RW = 0x3
 _PDE_2M_PAGE = 0x83  # present, writable, page size
@@ -112,7 +115,9 @@ def _entries() -> list[int]:
 
 def boot_gdt() -> tuple[int, bytes]:
     """``(address, bytes)`` of the boot GDT."""
-    return BOOT_GDT_ADDR, struct.pack("<6Q", *_entries())
+    data = struct.pack("<6Q", *_entries())
+    assert len(data) == BOOT_GDT_BYTES
+    return BOOT_GDT_ADDR, data
 
 
 def boot_idt() -> tuple[int, bytes]:
