@@ -286,3 +286,14 @@ def test_reset_stops_worker_thread(image: Path) -> None:
     assert h.block.reset()
     h.close()
     assert {t.ident for t in threading.enumerate()} <= before
+
+
+def test_discard_frees_blocks(rw: Harness, image: Path) -> None:
+    os.fsync(os.open(image, os.O_RDONLY))
+    before = os.stat(image).st_blocks
+    assert rw.request(VIRTIO_BLK_T_DISCARD, data=SEG.pack(0, 1024, 0))[0] == VIRTIO_BLK_S_OK
+    after = os.stat(image).st_blocks
+    if after == before:
+        pytest.skip("this filesystem does not punch holes")
+    assert after < before
+    assert image.read_bytes()[: 1024 * 512] == bytes(1024 * 512)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Callable, Sequence
-from typing import Protocol, cast, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import sys_util
 from devices.virtio._errors import DiskImageLocked
 
 __all__ = ["DiskBackend", "RawDisk"]
-
-_ZERO_CHUNK = 1 << 20
-_ZEROS = bytes(_ZERO_CHUNK)
 
 
 @runtime_checkable
@@ -52,22 +49,6 @@ class DiskBackend(Protocol):
     def fileno(self) -> int: ...
 
     def close(self) -> None: ...
-
-
-_PunchHole = Callable[[int, int, int], object]
-
-
-def _punch_hole_fn() -> _PunchHole | None:
-    """sys_util's ``punch_hole(fd, offset, length)`` if this version of sys_util has one.
-
-    Python's os module cannot punch holes and ctypes is not allowed outside sys_util, so the
-    fallback writes zeroes (same visible result, but the space stays allocated).
-    """
-    for name in ("punch_hole", "fallocate_punch_hole"):
-        fn = getattr(sys_util, name, None)
-        if callable(fn):
-            return cast(_PunchHole, fn)
-    return None
 
 
 class RawDisk:
@@ -107,7 +88,6 @@ class RawDisk:
         except BaseException:
             self._close_fds()
             raise
-        self._punch = _punch_hole_fn()
 
     # -- fd protocol ------------------------------------------------------------------------
 
@@ -200,25 +180,30 @@ class RawDisk:
         os.fdatasync(self.fileno())
 
     def discard(self, offset: int, length: int) -> None:
-        self.write_zeroes(offset, length, unmap=True)
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Punch a hole (the range then reads as zeroes and its blocks are freed)."""
         if self._read_only:
             raise OSError(errno.EROFS, "disk is read-only")
+        if length <= 0:
+            return
         fd = self._buffered_fd if self._direct else self.fileno()
-        punch = self._punch
-        if punch is not None:
-            try:
-                punch(fd, offset, length)
-                return
-            except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-        end = offset + length
-        pos = offset
-        while pos < end:
-            n = min(_ZERO_CHUNK, end - pos)
-            pos += os.pwrite(fd, _ZEROS[:n] if n < _ZERO_CHUNK else _ZEROS, pos)
+        try:
+            sys_util.punch_hole(fd, offset, length)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            sys_util.write_zeroes(fd, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Zero a range; with ``unmap`` the blocks may be freed (a punched hole)."""
+        if self._read_only:
+            raise OSError(errno.EROFS, "disk is read-only")
+        if length <= 0:
+            return
+        if unmap:
+            self.discard(offset, length)
+            return
+        fd = self._buffered_fd if self._direct else self.fileno()
+        sys_util.write_zeroes(fd, offset, length)
 
     def resize(self, new_size: int) -> None:
         if self._read_only:
