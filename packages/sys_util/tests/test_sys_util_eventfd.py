@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from sys_util import EventFd
+from sys_util import EventFd, OwnedFd
 
 
 def test_counter_semantics() -> None:
@@ -84,12 +84,31 @@ def test_close_idempotent_then_ebadf() -> None:
 def test_wrapping_a_closed_fd_gives_ebadf() -> None:
     fd = os.eventfd(0)
     os.close(fd)
-    e = EventFd.from_fd(fd)
+    with pytest.raises(OSError) as info:
+        EventFd.from_fd(fd)
+    assert info.value.errno == errno.EBADF
+    # Built around the number by hand (bypassing from_fd's check): every method still says EBADF.
+    e = EventFd.__new__(EventFd)
+    OwnedFd.__init__(e, fd)
     for call in (e.read, e.write, lambda: e.read_timeout(0), e.try_clone):
         with pytest.raises(OSError) as info:
             call()
         assert info.value.errno == errno.EBADF
     e.detach()  # do not close a number that may be reused
+
+
+def test_from_fd_refuses_other_kinds_without_taking_the_fd() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError) as info:
+            EventFd.from_fd(r)
+        assert info.value.errno == errno.EINVAL
+        os.fstat(r)  # still open: ownership stayed with us
+    finally:
+        os.close(r)
+        os.close(w)
+    with EventFd(3) as e, EventFd.from_fd(os.dup(e.fileno())) as again:
+        assert again.read() == 3
 
 
 def test_detach_gives_up_ownership() -> None:

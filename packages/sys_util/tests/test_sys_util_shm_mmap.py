@@ -48,6 +48,19 @@ def test_shared_memory_wrapping_closed_fd_ebadf() -> None:
     assert info.value.errno == errno.EBADF
 
 
+def test_shared_memory_from_fd_checks_kind() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(OSError):
+            SharedMemory.from_fd(r)
+        os.fstat(r)  # not taken
+    finally:
+        os.close(r)
+        os.close(w)
+    with SharedMemory("k", 4096) as shm, SharedMemory.from_fd(os.dup(shm.fileno())) as again:
+        assert again.size == 4096
+
+
 def test_anonymous_mapping_bounds() -> None:
     st = struct.Struct("<IH")
     with MemoryMapping.anonymous(4096) as m:

@@ -9,6 +9,7 @@ import pytest
 
 from sys_util import (
     InvalidArgument,
+    OwnedFd,
     PollContext,
     TimerFd,
     allocate,
@@ -63,7 +64,11 @@ def test_timer_wrapping_closed_fd_ebadf() -> None:
     t = TimerFd()
     fd = t.detach()
     os.close(fd)
-    w = TimerFd.from_fd(fd)
+    with pytest.raises(OSError) as info:
+        TimerFd.from_fd(fd)
+    assert info.value.errno == errno.EBADF
+    w = TimerFd.__new__(TimerFd)
+    OwnedFd.__init__(w, fd)
     for call in (w.wait, w.clear, w.is_armed, lambda: w.reset(1)):
         with pytest.raises(OSError) as info:
             call()

@@ -6,7 +6,7 @@ import os
 import select
 from typing import Self
 
-from sys_util._fd import OwnedFd
+from sys_util._fd import OwnedFd, check_anon_inode
 
 __all__ = ["EventFd"]
 
@@ -30,6 +30,9 @@ class EventFd(OwnedFd):
         if nonblocking:
             flags |= os.EFD_NONBLOCK
         super().__init__(os.eventfd(initial, flags))
+
+    def _init_from_fd(self) -> None:
+        check_anon_inode(self._fd, "eventfd")
 
     def write(self, n: int = 1) -> None:
         """Add ``n`` (1 ... 2**64-2) to the counter, waking any reader."""

@@ -14,7 +14,7 @@ import weakref
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-__all__ = ["AsRawFd", "OwnedFd", "ebadf", "raw_fd"]
+__all__ = ["AsRawFd", "OwnedFd", "check_anon_inode", "ebadf", "raw_fd"]
 
 
 @runtime_checkable
@@ -34,6 +34,22 @@ def raw_fd(fd_or_obj: int | AsRawFd) -> int:
     if isinstance(fd_or_obj, int):
         return fd_or_obj
     return fd_or_obj.fileno()
+
+
+def check_anon_inode(fd: int, kind: str) -> None:
+    """Raise OSError unless ``fd`` is an open anonymous-inode fd of ``kind`` (``"eventfd"``...).
+
+    Without ``/proc`` (inside a minimal jail) only the fd's validity can be checked.
+    """
+    os.fstat(fd)  # EBADF for a closed fd
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self/fd"):
+            raise
+        return
+    if target != f"anon_inode:[{kind}]":
+        raise OSError(errno.EINVAL, f"fd {fd} is {target}, not an {kind}")
 
 
 def _close_quietly(fd: int) -> None:
@@ -58,8 +74,9 @@ class OwnedFd:
     def from_fd(cls, fd: int) -> Self:
         """Wrap ``fd``, taking ownership: the new object closes it.
 
-        If wrapping fails (say ``fd`` is not open), ownership stays with the caller: the number
-        is not closed, because by the time a finalizer ran it might name someone else's file.
+        Subclasses check that ``fd`` is of their kind (an eventfd for EventFd...). If wrapping
+        fails (``fd`` is not open, or of another kind), ownership stays with the caller: the
+        number is not closed, since by the time a finalizer ran it might name someone else's file.
         """
         obj = cls.__new__(cls)
         OwnedFd.__init__(obj, fd)

@@ -46,6 +46,8 @@ class SharedMemory(OwnedFd):
         self._size = size
 
     def _init_from_fd(self) -> None:
+        # F_GET_SEALS succeeds only on memfd/shmem files: it doubles as the kind check.
+        fcntl.fcntl(self._fd, fcntl.F_GET_SEALS)
         self._name = ""
         self._size = os.fstat(self._fd).st_size
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from sys_util._binding import ffi, lib, raise_errno
-from sys_util._fd import OwnedFd
+from sys_util._fd import OwnedFd, check_anon_inode
 from sys_util.errors import InvalidArgument
 
 __all__ = ["TimerFd"]
@@ -38,6 +38,9 @@ class TimerFd(OwnedFd):
         if fd < 0:
             raise_errno("timerfd_create")
         super().__init__(fd)
+
+    def _init_from_fd(self) -> None:
+        check_anon_inode(self._fd, "timerfd")
 
     def reset(self, delay: float, interval: float | None = None) -> None:
         """Arm the timer to expire after ``delay`` seconds, then every ``interval`` seconds.
