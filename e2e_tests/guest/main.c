@@ -124,6 +124,7 @@ static const struct scenario scenarios[] = {
     {"rng-read", sc_rng_read},
     {"console-echo", sc_console_echo},
     {"net-echo", sc_net_echo},
+    {"net-bench", sc_net_bench},
     {"balloon", sc_balloon},
     {"vsock-echo", sc_vsock_echo},
     {"hostile", sc_hostile},

@@ -18,6 +18,7 @@ void sc_blk_bench(void);
 void sc_rng_read(void);
 void sc_console_echo(void);
 void sc_net_echo(void);
+void sc_net_bench(void);
 void sc_balloon(void);
 void sc_vsock_echo(void);
 void sc_hostile(void);
