@@ -72,7 +72,7 @@ void sc_vsock_echo(void) {
     txbufs = alloc((u64)txq->size * BUFSZ, 4096);
     for (u32 i = 0; i < NRX; i++) {
         struct vbuf v = {rxb + (u64)i * BUFSZ, BUFSZ};
-        vq_add(rxq, &v, 0, 1, v.addr);
+        vq_add(rxq, &v, 0, 1, rxb + (u64)i * BUFSZ);
     }
     vq_kick(rxq);
     u32 port = (u32)cmdline_u64("port", 5000);
