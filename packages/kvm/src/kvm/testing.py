@@ -9,14 +9,22 @@ code and data around it.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import struct
-from dataclasses import replace
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from types import TracebackType
+from typing import TypeVar
 
+from kvm._kvm import Kvm
 from kvm._state import DTable, Segment
 from kvm._vcpu import Vcpu
+from kvm._vm import Vm
 from kvm_sys import ffi
+
+T = TypeVar("T")
 
 __all__ = [
     "GDT_ADDR",
@@ -26,6 +34,9 @@ __all__ = [
     "USER_CS",
     "USER_DS",
     "GuestRam",
+    "Machine",
+    "machine",
+    "run_in_thread",
     "setup_long_mode",
     "setup_real_mode",
 ]
@@ -167,3 +178,46 @@ def setup_long_mode(
     regs.rsp = stack
     regs.rflags = 0x3002 if user else 0x2
     vcpu.set_regs(regs)
+
+
+@dataclass
+class Machine:
+    """A VM with one RAM region at guest address 0 (what :func:`machine` yields)."""
+
+    kvm: Kvm
+    vm: Vm
+    ram: GuestRam
+    slot: int
+
+
+@contextlib.contextmanager
+def machine(size: int, *, irqchip: bool = False, log_dirty: bool = False) -> Iterator[Machine]:
+    """A fresh VM with ``size`` bytes of RAM at 0 (and the in-kernel irqchip if asked)."""
+    with GuestRam(size) as ram, Kvm() as k, k.create_vm() as vm:
+        if irqchip:
+            vm.create_irqchip()
+        slot = vm.add_memory_region(0, size, ram.host_address, log_dirty=log_dirty)
+        yield Machine(k, vm, ram, slot)
+
+
+def run_in_thread(fn: Callable[[], T], timeout: float = 20.0) -> T:
+    """Run ``fn`` in a new thread and return its result (or re-raise its exception here).
+
+    For running a vCPU off the main thread, as a VMM does; fails after ``timeout`` seconds.
+    """
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"thread still running after {timeout} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
