@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from devices.pci import MSIX_CAP_ID, PciConfigIo, PciRoot
 from devices.testing import FakeIrqRouter, VirtQueueDriver, make_guest_memory
@@ -331,3 +333,74 @@ def test_rng_through_transport(mem: GuestMemory) -> None:
         assert sorted(used) == sorted((c.head, 64) for c in chains)
         outs = {vq.read_writable(c) for c in chains}
         assert len(outs) == 4 and bytes(64) not in outs
+
+
+def test_wired_through_buses(mem: GuestMemory, image: Path) -> None:
+    """The way arch wires it: PciConfigIo on the I/O bus, BAR0 on the MMIO bus."""
+    from devices.bus import Bus
+
+    io_bus, mmio_bus = Bus(), Bus()
+    root = PciRoot()
+    io_bus.insert(PciConfigIo(root), 0xCF8, 8)
+    with VirtioPciDevice(Block.open(image), mem) as dev:
+        (bar,) = dev.allocate_bars(lambda size, align: BAR_BASE)
+        mmio_bus.insert(dev, bar.address, bar.size)
+        slot = root.add_device(dev).device
+        io_bus.write(0xCF8, (0x8000_0000 | slot << 11).to_bytes(4, "little"))
+        assert io_bus.read(0xCFC, 4) == (0x1042_1AF4).to_bytes(4, "little")
+        common = BAR_BASE
+        mmio_bus.write(common + 20, bytes([S.ACKNOWLEDGE | S.DRIVER]))
+        for sel in (0, 1):
+            mmio_bus.write(common + 0, sel.to_bytes(4, "little"))
+            feats = mmio_bus.read(common + 4, 4)
+            mmio_bus.write(common + 8, sel.to_bytes(4, "little"))
+            mmio_bus.write(common + 12, feats)
+        mmio_bus.write(common + 20, bytes([S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK]))
+        assert mmio_bus.read(common + 20, 1)[0] & S.FEATURES_OK
+        vq = VirtQueueDriver(mem, 0x10000, 32)
+        mmio_bus.write(common + 22, (0).to_bytes(2, "little"))
+        mmio_bus.write(common + 24, (32).to_bytes(2, "little"))
+        mmio_bus.write(common + 32, vq.desc_table.to_bytes(8, "little"))
+        mmio_bus.write(common + 40, vq.avail_ring.to_bytes(8, "little"))
+        mmio_bus.write(common + 48, vq.used_ring.to_bytes(8, "little"))
+        mmio_bus.write(common + 28, (1).to_bytes(2, "little"))
+        mmio_bus.write(common + 20, bytes([S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK]))
+        chain = vq.add_request([HDR.pack(VIRTIO_BLK_T_IN, 0, 4)], [1024, 1])
+        (ioevent,) = dev.ioevents()
+        mmio_bus.write(ioevent.address, (0).to_bytes(2, "little"))  # as if KVM had no ioeventfd
+        assert vq.wait_used(1) == [(chain.head, 1025)]
+        assert vq.read_writable(chain)[:1024] == image.read_bytes()[2048 : 2048 + 1024]
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    accesses=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.integers(0, BAR0_SIZE + 16),
+            st.sampled_from([0, 1, 2, 3, 4, 8, 16]),
+            st.binary(min_size=0, max_size=16),
+        ),
+        max_size=40,
+    )
+)
+def test_random_bar_and_config_accesses_never_raise(
+    mem: GuestMemory, image: Path, accesses: list[tuple[bool, int, int, bytes]]
+) -> None:
+    with make_transport(mem, image, FakeIrqRouter()) as dev:
+        root = PciRoot()
+        slot = root.add_device(dev).device
+        io = PciConfigIo(root)
+        for is_read, offset, size, data in accesses:
+            if is_read:
+                assert len(dev.read(offset, size)) == size
+                io.write(0, (0x8000_0000 | slot << 11 | (offset % 256) & ~3).to_bytes(4, "little"))
+                assert len(io.read(4 + offset % 4, size)) == size
+            else:
+                dev.write(offset, data)
+                io.write(0, (0x8000_0000 | slot << 11 | (offset % 256) & ~3).to_bytes(4, "little"))
+                io.write(4 + offset % 4, data)
+        dev.write(20, b"\x00")  # reset whatever state was reached
+        assert not dev.activated

@@ -308,12 +308,20 @@ class VirtioPciDevice:
     # -- BAR0 MMIO (BusDevice) -------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        data = self._read(offset, size)
+        if len(data) != size:  # never trust a device config of the wrong length
+            data = (data + b"\x00" * size)[:size]
+        return data
+
+    def _read(self, offset: int, size: int) -> bytes:
         with self._lock:
             if COMMON_CFG_OFFSET <= offset < COMMON_CFG_OFFSET + COMMON_CFG_SIZE:
                 return self._read_common(offset - COMMON_CFG_OFFSET, size)
             if ISR_CFG_OFFSET <= offset < ISR_CFG_OFFSET + ISR_CFG_SIZE:
                 value = self.interrupt.read_and_clear_isr()
-                return value.to_bytes(1, "little") + b"\x00" * (size - 1)
+                return value.to_bytes(1, "little")
             if DEVICE_CFG_OFFSET <= offset < DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE:
                 return self._device.read_config(offset - DEVICE_CFG_OFFSET, size)
             msix = self._msix
@@ -388,18 +396,14 @@ class VirtioPciDevice:
         return addr & 0xFFFF_FFFF if half == "lo" else addr >> 32
 
     def _read_common(self, offset: int, size: int) -> bytes:
-        out = bytearray()
-        end = offset + size
-        pos = offset
-        # Assemble from whole fields so unaligned or wide reads still see consistent bytes.
-        while pos < end:
-            start = max(o for o in _COMMON_FIELDS if o <= pos)
-            name, fsize = _COMMON_FIELDS[start]
-            raw = self._common_value(name).to_bytes(fsize, "little")
-            take = raw[pos - start : min(fsize, end - start)]
-            out += take
-            pos += len(take)
-        return bytes(out[:size])
+        # Assemble from whole fields so unaligned or wide reads still see consistent bytes;
+        # anything past the 56-byte structure reads as zero.
+        raw = b"".join(
+            self._common_value(name).to_bytes(fsize, "little")
+            for name, fsize in _COMMON_FIELDS.values()
+        )
+        out = raw[offset : offset + size]
+        return out + b"\x00" * (size - len(out))
 
     def _write_common(self, offset: int, data: bytes) -> None:
         if len(data) == 8 and offset in (32, 40, 48):
