@@ -35,7 +35,8 @@ def main() -> None:
     u16 = struct.Struct("<H")
     for title, layout, addr in (
         ("one region (64 MiB)", [(0, 64 * MB)], 0x10_0000),
-        ("two regions (64 MiB + 64 MiB, high)", [(0, 64 * MB), (4096 * MB, 64 * MB)], 4096 * MB),
+        ("two regions, low", [(0, 64 * MB), (4096 * MB, 64 * MB)], 0x10_0000),
+        ("two regions, above the hole", [(0, 64 * MB), (4096 * MB, 64 * MB)], 4096 * MB),
     ):
         with GuestMemory(layout) as mem:
             mm = mem._mapping.mmap  # the floor: no checks at all

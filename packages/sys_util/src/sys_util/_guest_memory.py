@@ -67,6 +67,9 @@ class GuestMemory:
         "_closed",
         "_deltas",
         "_ends",
+        "_hi_base",
+        "_hi_foff",
+        "_hi_size",
         "_lim2",
         "_lim4",
         "_lim8",
@@ -108,10 +111,15 @@ class GuestMemory:
         self._ends = [r.end_addr() for r in built]
         # mapping offset = guest address + delta
         self._deltas = [r.file_offset - r.guest_base for r in built]
-        # Fast path for one region: offset = addr - base0, valid when 0 <= offset <= size0 - n.
-        # With several regions, size0 = -1 makes the fast path test fail so the slow path runs.
+        # Fast path for the first region (file offset 0, so mapping offset = addr - base0), valid
+        # when 0 <= addr - base0 <= size0 - n. It is the whole of RAM for a guest below the PCI
+        # hole; accesses above the hole take the bisect path. size0 = -1 disables it (closed).
         self._base0 = built[0].guest_base
-        self._size0 = built[0].size if len(built) == 1 else -1
+        self._size0 = built[0].size
+        # Second-chance fast path: the last region (RAM above the PCI hole on x86).
+        self._hi_base = built[-1].guest_base
+        self._hi_size = built[-1].size
+        self._hi_foff = built[-1].file_offset
         self._set_limits()
 
     def _set_limits(self) -> None:
@@ -179,6 +187,9 @@ class GuestMemory:
 
     def _offset(self, addr: int, length: int) -> int:
         """Mapping offset of ``[addr, addr+length)``, which must lie in one region."""
+        off = addr - self._hi_base
+        if 0 <= off <= self._hi_size - length and length >= 0:
+            return off + self._hi_foff
         i = bisect_right(self._bases, addr) - 1
         if i >= 0 and length >= 0 and addr + length <= self._ends[i]:
             return addr + self._deltas[i]
@@ -193,6 +204,8 @@ class GuestMemory:
             if length == 0 and i >= 0 and addr == self._ends[i]:
                 return []
             self._fail(addr, length)
+        if addr + length <= self._ends[i]:
+            return [(addr + self._deltas[i], length)]
         pieces: list[tuple[int, int]] = []
         cur, left = addr, length
         while True:
@@ -344,6 +357,7 @@ class GuestMemory:
         self._closed = True
         # Make the fast path fail and the slow path find nothing.
         self._size0 = -1
+        self._hi_size = -1
         self._set_limits()
         self._bases = []
         self._ends = []
