@@ -119,6 +119,9 @@ class Vcpu:
     def __init__(self, fd: int, vcpu_id: int, run_size: int) -> None:
         """Take ownership of ``fd`` (closed here if the ``kvm_run`` mmap fails)."""
         self.id = vcpu_id
+        # Process-wide and idempotent. Installed before any run can exist, because kick() and a
+        # close() during a run signal the vCPU thread, and SIGRTMIN's default action is to kill.
+        _install_kick_handler()
         self._h = ffi.new("struct kvm_vcpu_handle *")
         # SAFETY: the handle lives as long as this object (and the finalizer's reference); the C
         # side maps run_size bytes, the size KVM_GET_VCPU_MMAP_SIZE reported.
@@ -292,7 +295,6 @@ class Vcpu:
         ``KVM_RUN``, sends it :func:`kick_signal`. Call :meth:`setup_kick` in the vCPU thread
         first so that signal cannot interrupt anything but ``KVM_RUN``.
         """
-        _install_kick_handler()
         r = lib.kvm_vcpu_kick(self._h)
         if r < 0:
             raise OSError(-r, f"{os.strerror(-r)} (from kick)")

@@ -190,6 +190,13 @@ static int kvm_vcpu_close(struct kvm_vcpu_handle *h)
             return 0;
     } while (!__atomic_compare_exchange_n(&h->refs, &cur, cur | KVM_HANDLE_CLOSING, 1,
                                           __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE));
+    /* A run in flight holds a reference (so the page and lock stay valid here): make it
+     * return, so the deferred unmap and close happen now rather than never. */
+    pthread_mutex_lock(&h->lock);
+    __atomic_store_n(&h->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    if (h->in_run)
+        pthread_kill(h->thread, h->kick_sig);
+    pthread_mutex_unlock(&h->lock);
     kvm_handle_release(h);  /* the owner's reference */
     return 0;
 }
