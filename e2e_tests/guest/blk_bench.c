@@ -52,7 +52,7 @@ static void bench_one(struct blk *b, const char *name, int write, int random, u3
     u64 bytes = ops * bs;
     u64 kbps = us ? bytes * 1000ull / us : 0; /* KB/s, 1 KB = 1000 B: bytes/us*1000 */
     u64 iops = us ? ops * 1000000ull / us : 0;
-    printf("RESULT bench=%s bs=%u qd=%u ops=%lu us=%lu mbps=%lu.%03lu iops=%lu errors=%lu notifies=%lu\n",
+    printf("RESULT bench=%s bs=%u qd=%u ops=%lu us=%lu mb_per_s=%lu.%03lu iops=%lu errors=%lu notifies=%lu\n",
            name, bs, qd, (unsigned long)ops, (unsigned long)us, (unsigned long)(kbps / 1000),
            (unsigned long)(kbps % 1000), (unsigned long)iops, (unsigned long)errors,
            (unsigned long)b->q->notifies);

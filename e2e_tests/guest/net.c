@@ -131,7 +131,7 @@ void sc_net_bench(void) {
     vq_kick(n.tx);
     while (n.tx->num_free != n.tx->size) vq_wait(n.tx, NULL, tsc_ms(5000));
     u64 us = elapsed_us(t0);
-    printf("RESULT net_bench_frames=%lu size=%u us=%lu pps=%lu mbps=%lu\n", (unsigned long)frames,
+    printf("RESULT net_bench_frames=%lu size=%u us=%lu pps=%lu mb_per_s=%lu\n", (unsigned long)frames,
            size, (unsigned long)us, (unsigned long)(us ? frames * 1000000 / us : 0),
            (unsigned long)(us ? frames * size / us : 0));
 }
