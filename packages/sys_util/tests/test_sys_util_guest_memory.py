@@ -328,3 +328,42 @@ def test_translation_matches_a_reference_model(addr: int, length: int) -> None:
         else:
             with pytest.raises(GuestMemoryError):
                 m.view(addr, length)
+
+
+def test_from_shared_memory_in_another_process() -> None:
+    from sys_util import EventFd, SharedMemory, UnixSeqpacket
+
+    layout = [(0, MB), (4 * MB, MB)]
+    with GuestMemory(layout) as mem:
+        a, b = UnixSeqpacket.pair()
+        with a, b, EventFd() as done:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child: adopt the memfd received over the socket
+                code = 1
+                try:
+                    _, fds = b.recv(16, maxfds=1)
+                    with GuestMemory.from_shared_memory(SharedMemory.from_fd(fds[0]), layout) as m:
+                        m.write_u64(4 * MB + 8, m.read_u64(8) + 1)
+                    code = 0
+                finally:
+                    done.write()
+                    os._exit(code)
+            mem.write_u64(8, 41)
+            a.send(b"mem", [mem.memfd])
+            done.read()
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert mem.read_u64(4 * MB + 8) == 42
+
+
+def test_from_shared_memory_refuses_unsealed_or_wrong_size() -> None:
+    from sys_util import Seals, SharedMemory
+
+    with SharedMemory("unsealed", MB) as shm:
+        with pytest.raises(InvalidArgument, match="sealed"):
+            GuestMemory.from_shared_memory(shm, [(0, MB)])
+        assert not shm.closed
+        shm.add_seals(Seals.SHRINK | Seals.GROW)
+        with pytest.raises(InvalidArgument, match="holds"):
+            GuestMemory.from_shared_memory(shm, [(0, 2 * MB)])
+        assert not shm.closed

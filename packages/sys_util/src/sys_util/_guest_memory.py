@@ -82,17 +82,32 @@ class GuestMemory:
         "_size0",
     )
 
-    def __init__(self, regions: Sequence[tuple[int, int]], *, name: str = "crosvm_guest") -> None:
+    def __init__(
+        self,
+        regions: Sequence[tuple[int, int]],
+        *,
+        name: str = "crosvm_guest",
+        memfd: SharedMemory | None = None,
+    ) -> None:
         layout = _validate(regions)
         total = sum(size for _, size in layout)
-        memfd = SharedMemory(name, total)
+        created = memfd is None
+        if memfd is None:
+            memfd = SharedMemory(name, total)
+            try:
+                # The size can never change again: no process holding this fd can truncate it
+                # under our mapping (which would turn guest accesses into SIGBUS in the VMM).
+                memfd.add_seals(Seals.SHRINK | Seals.GROW)
+            except BaseException:
+                memfd.close()
+                raise
+        else:
+            _check_adopted(memfd, total)
         try:
-            # The size can never change again: no process holding this fd can truncate it under
-            # our mapping (which would turn guest accesses into SIGBUS in the VMM).
-            memfd.add_seals(Seals.SHRINK | Seals.GROW)
             mapping = MemoryMapping.from_shared_memory(memfd, total)
         except BaseException:
-            memfd.close()
+            if created:
+                memfd.close()
             raise
         self._memfd = memfd
         self._mapping = mapping
@@ -128,6 +143,18 @@ class GuestMemory:
         self._lim2 = size0 - 2 if size0 >= 2 else -1
         self._lim4 = size0 - 4 if size0 >= 4 else -1
         self._lim8 = size0 - 8 if size0 >= 8 else -1
+
+    @classmethod
+    def from_shared_memory(
+        cls, memfd: SharedMemory, regions: Sequence[tuple[int, int]]
+    ) -> GuestMemory:
+        """Map guest RAM that another process created (the memfd arrived over a socket).
+
+        Takes ownership of ``memfd``. It must be sealed against shrinking and growing (as every
+        GuestMemory memfd is) and exactly as large as the regions, else InvalidArgument is
+        raised (and ``memfd`` is left open for the caller).
+        """
+        return cls(regions, memfd=memfd)
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -382,6 +409,17 @@ class GuestMemory:
             return "<GuestMemory closed>"
         parts = ", ".join(f"{int(r.guest_base):#x}+{r.size:#x}" for r in self._regions)
         return f"<GuestMemory [{parts}]>"
+
+
+def _check_adopted(memfd: SharedMemory, total: int) -> None:
+    seals = memfd.get_seals()
+    if not seals & Seals.SHRINK or not seals & Seals.GROW:
+        # An unsealed file could be truncated by its other holders: SIGBUS on access.
+        raise InvalidArgument("guest memory memfd is not sealed against shrinking and growing")
+    if memfd.size != total:
+        raise InvalidArgument(
+            f"guest memory memfd holds {memfd.size:#x} bytes but the regions need {total:#x}"
+        )
 
 
 def _validate(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

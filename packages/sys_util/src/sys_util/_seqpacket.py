@@ -154,9 +154,9 @@ class UnixSeqpacket(_SocketOwner):
             raise ValueError(f"at most {MAX_FDS} fds per message, got {len(raw)}")
         try:
             if not raw:
-                return sock.send(data)
+                return sock.send(data, socket.MSG_NOSIGNAL)
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", raw))]
-            return sock.sendmsg([data], anc)
+            return sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
         except BlockingIOError as err:
             raise TimeoutError(errno.EAGAIN, "send timed out") from err
 

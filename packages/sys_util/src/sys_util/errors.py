@@ -31,6 +31,9 @@ class Error(OSError):
     Args:
         code: the errno that best describes the failure (``EINVAL`` by default).
         message: human readable text; defaults to ``os.strerror(code)``.
+
+    A subclass whose ``__init__`` takes other arguments must define ``__reduce__`` returning
+    them, as every subclass here does, or it will not survive pickling.
     """
 
     def __init__(self, code: int = _errno.EINVAL, message: str | None = None) -> None:
