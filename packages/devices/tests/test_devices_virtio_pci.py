@@ -404,3 +404,19 @@ def test_random_bar_and_config_accesses_never_raise(
                 io.write(4 + offset % 4, data)
         dev.write(20, b"\x00")  # reset whatever state was reached
         assert not dev.activated
+
+
+def test_connect_intx_registers_resampling_irqfd(mem: GuestMemory, image: Path) -> None:
+    router = FakeIrqRouter()
+    dev = make_transport(mem, image)
+    dev.connect_intx(router, line=10, pin=2)
+    assert router.calls == [("register_irqfd", 10)]
+    assert dev.config.interrupt_line == 10
+    assert dev.read_config_register(15) >> 8 & 0xFF == 2
+    assert len(dev.keep_fds()) == 1 + 2 + 1  # queue evt, INTx pair, the disk fd
+    with pytest.raises(RuntimeError):
+        dev.connect_intx(router, line=11, pin=2)
+    dev.close()
+    dev.close()
+    assert router.calls[-1] == ("unregister_irqfd", 10)
+    assert dev.closed

@@ -173,6 +173,7 @@ class VirtioPciDevice:
             self._msix = MsixConfig(len(self._queues) + 1, msix_router, self._label)
         self.interrupt = Interrupt(msix=self._msix)
         self._bar: PciBar | None = None
+        self._intx: tuple[IrqRouter, int, EventFd, EventFd] | None = None
         self._closed = False
         self._reset_state()
         self._add_capabilities()
@@ -204,6 +205,8 @@ class VirtioPciDevice:
 
     def keep_fds(self) -> list[int]:
         fds = [e.fileno() for e in self._queue_evts]
+        if self._intx is not None:
+            fds.extend((self._intx[2].fileno(), self._intx[3].fileno()))
         fds.extend(self._device.keep_fds())
         return fds
 
@@ -285,6 +288,23 @@ class VirtioPciDevice:
         """Give the function a legacy INTx line (the owner registers the irqfd)."""
         self.config.set_irq(line, pin)
         self.interrupt.set_intx(irq_evt, resample_evt)
+
+    def connect_intx(self, router: IrqRouter, line: int, pin: int) -> None:
+        """Create INTx eventfds, register them as a resampling irqfd on ``line``, assign them.
+
+        The eventfds belong to this device (closed by :meth:`close`, after unregistering).
+        """
+        if self._intx is not None:
+            raise RuntimeError("INTx already connected")
+        irq_evt, resample_evt = EventFd(), EventFd()
+        try:
+            router.register_irqfd(irq_evt, line, resample_evt)
+        except BaseException:
+            irq_evt.close()
+            resample_evt.close()
+            raise
+        self._intx = (router, line, irq_evt, resample_evt)
+        self.assign_irq(irq_evt, resample_evt, line, pin)
 
     # -- configuration space ---------------------------------------------------------------
 
@@ -539,6 +559,16 @@ class VirtioPciDevice:
             self._device.close()
             if self._msix is not None:
                 self._msix.close()
+            if self._intx is not None:
+                router, line, irq_evt, resample_evt = self._intx
+                self._intx = None
+                self.interrupt.set_intx(None, None)
+                try:
+                    router.unregister_irqfd(irq_evt, line)
+                except Exception:  # the VM may already be gone at teardown
+                    logger.debug("%s: unregistering INTx irqfd failed", self._label, exc_info=True)
+                irq_evt.close()
+                resample_evt.close()
             for evt in self._queue_evts:
                 evt.close()
 
