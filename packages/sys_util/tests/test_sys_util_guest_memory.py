@@ -328,6 +328,21 @@ def test_translation_matches_a_reference_model(addr: int, length: int) -> None:
         else:
             with pytest.raises(GuestMemoryError):
                 m.view(addr, length)
+        for size, reader, writer in (
+            (1, m.read_u8, m.write_u8),
+            (2, m.read_u16, m.write_u16),
+            (4, m.read_u32, m.write_u32),
+            (8, m.read_u64, m.write_u64),
+        ):
+            if any(b <= addr and addr + size <= b + n for b, n in _LAYOUT):
+                writer(addr, size)
+                assert reader(addr) == size
+                assert m.read(addr, size) == size.to_bytes(size, "little")
+            else:
+                with pytest.raises(GuestMemoryError):
+                    reader(addr)
+                with pytest.raises(GuestMemoryError):
+                    writer(addr, 0)
 
 
 def test_from_shared_memory_in_another_process() -> None:

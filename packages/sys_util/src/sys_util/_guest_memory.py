@@ -69,6 +69,9 @@ class GuestMemory:
         "_ends",
         "_hi_base",
         "_hi_foff",
+        "_hi_lim2",
+        "_hi_lim4",
+        "_hi_lim8",
         "_hi_size",
         "_lim2",
         "_lim4",
@@ -143,6 +146,10 @@ class GuestMemory:
         self._lim2 = size0 - 2 if size0 >= 2 else -1
         self._lim4 = size0 - 4 if size0 >= 4 else -1
         self._lim8 = size0 - 8 if size0 >= 8 else -1
+        hi = self._hi_size
+        self._hi_lim2 = hi - 2 if hi >= 2 else -1
+        self._hi_lim4 = hi - 4 if hi >= 4 else -1
+        self._hi_lim8 = hi - 8 if hi >= 8 else -1
 
     @classmethod
     def from_shared_memory(
@@ -307,19 +314,31 @@ class GuestMemory:
     def read_u16(self, addr: int) -> int:
         off = addr - self._base0
         if not 0 <= off <= self._lim2:
-            off = self._offset(addr, 2)
+            off = addr - self._hi_base
+            if 0 <= off <= self._hi_lim2:
+                off += self._hi_foff
+            else:
+                off = self._offset(addr, 2)
         return _U16.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
 
     def read_u32(self, addr: int) -> int:
         off = addr - self._base0
         if not 0 <= off <= self._lim4:
-            off = self._offset(addr, 4)
+            off = addr - self._hi_base
+            if 0 <= off <= self._hi_lim4:
+                off += self._hi_foff
+            else:
+                off = self._offset(addr, 4)
         return _U32.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
 
     def read_u64(self, addr: int) -> int:
         off = addr - self._base0
         if not 0 <= off <= self._lim8:
-            off = self._offset(addr, 8)
+            off = addr - self._hi_base
+            if 0 <= off <= self._hi_lim8:
+                off += self._hi_foff
+            else:
+                off = self._offset(addr, 8)
         return _U64.unpack_from(self._mm, off)[0]  # type: ignore[no-any-return]
 
     def write_u8(self, addr: int, value: int) -> None:
@@ -331,19 +350,31 @@ class GuestMemory:
     def write_u16(self, addr: int, value: int) -> None:
         off = addr - self._base0
         if not 0 <= off <= self._lim2:
-            off = self._offset(addr, 2)
+            off = addr - self._hi_base
+            if 0 <= off <= self._hi_lim2:
+                off += self._hi_foff
+            else:
+                off = self._offset(addr, 2)
         _U16.pack_into(self._mm, off, value)
 
     def write_u32(self, addr: int, value: int) -> None:
         off = addr - self._base0
         if not 0 <= off <= self._lim4:
-            off = self._offset(addr, 4)
+            off = addr - self._hi_base
+            if 0 <= off <= self._hi_lim4:
+                off += self._hi_foff
+            else:
+                off = self._offset(addr, 4)
         _U32.pack_into(self._mm, off, value)
 
     def write_u64(self, addr: int, value: int) -> None:
         off = addr - self._base0
         if not 0 <= off <= self._lim8:
-            off = self._offset(addr, 8)
+            off = addr - self._hi_base
+            if 0 <= off <= self._hi_lim8:
+                off += self._hi_foff
+            else:
+                off = self._offset(addr, 8)
         _U64.pack_into(self._mm, off, value)
 
     def read_struct(self, addr: int, st: struct.Struct) -> tuple[Any, ...]:
