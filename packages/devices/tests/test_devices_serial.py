@@ -339,3 +339,94 @@ def test_concurrent_output_keeps_every_byte(evt: FakeEvent) -> None:
     data = out.getvalue()
     assert len(data) == 6000
     assert data.count(b"a") == data.count(b"b") == data.count(b"\n") == 2000
+
+
+class BlockingWriter:
+    """An output whose reader has stopped reading until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.release.wait()
+        self.data.extend(data)
+        return len(data)
+
+
+def test_stalled_reader_never_blocks_the_vcpu_for_long(evt: FakeEvent) -> None:
+    out = BlockingWriter()
+    s = Serial(evt, out, flush_delay=0.0, output_stall_timeout=0.05, output_buffer_limit=64)
+    try:
+        # One bounded wait (50 ms) when the buffer first fills up, then drops without waiting
+        # (were it waiting per byte, this loop would take 50 s).
+        for _ in range(1000):
+            s.write(0, b"x")
+        assert s.dropped_output > 0
+        out.release.set()
+        s.flush()
+        # Buffered bytes (the flusher's in-flight chunk plus the buffer) all arrive.
+        assert len(out.data) + s.dropped_output == 1000
+        s.write(0, b"\n")  # accepting output again after the reader caught up
+        s.flush()
+        assert out.data.endswith(b"\n")
+    finally:
+        out.release.set()
+        s.close()
+
+
+def test_close_does_not_hang_on_a_stuck_reader(evt: FakeEvent) -> None:
+    out = BlockingWriter()
+    s = Serial(evt, out, flush_delay=0.0)
+    s.write(0, b"\n")
+    time.sleep(0.01)  # let the flusher pick it up and block
+    s.close(timeout=0.05)
+    assert s.closed
+    out.release.set()
+
+
+def test_fd_writer_ownership_and_ebadf(tmp_path: Path) -> None:
+    with FdWriter.create_file(tmp_path / "f") as w:
+        fd = w.fileno()
+        assert w.write(b"abc") == 3
+    assert w.closed
+    w.close()
+    with pytest.raises(OSError) as info:
+        w.write(b"x")
+    assert info.value.errno == 9
+    with pytest.raises(OSError):
+        os.fstat(fd)  # owned: closed
+    r, wfd = os.pipe2(os.O_CLOEXEC)
+    FdWriter(wfd).close()  # not owned: still open
+    os.write(wfd, b"ok")
+    assert os.read(r, 2) == b"ok"
+    os.close(r)
+    os.close(wfd)
+
+
+def test_syslog_writer_sends_whole_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import syslog
+
+    from devices.serial import SyslogWriter
+
+    lines: list[str] = []
+    monkeypatch.setattr(syslog, "openlog", lambda *a, **k: None)
+    monkeypatch.setattr(syslog, "syslog", lambda prio, msg: lines.append(msg))
+    w = SyslogWriter("test")
+    w.write(b"first li")
+    assert lines == []
+    w.write(b"ne\r\nsecond\nthi")
+    assert lines == ["first line", "second"]
+    w.close()
+    assert lines == ["first line", "second", "thi"]
+
+
+def test_start_input_after_close_fails(serial: Serial) -> None:
+    serial.close()
+    with pytest.raises(OSError):
+        serial.start_input(0)
+
+
+def test_invalid_buffer_limit(evt: FakeEvent) -> None:
+    with pytest.raises(ValueError):
+        Serial(evt, None, output_buffer_limit=0)

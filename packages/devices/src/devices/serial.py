@@ -29,6 +29,7 @@ four COM ports with crosvm's defaults (:func:`create_com_ports`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -151,8 +152,14 @@ class FdWriter:
 
     def fileno(self) -> int:
         if self._fd < 0:
-            raise OSError(9, "Bad file descriptor")
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return self._fd
+
+    def __enter__(self) -> FdWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def create_file(cls, path: str | os.PathLike[str]) -> FdWriter:
@@ -220,13 +227,19 @@ class Serial:
         owns_output: bool = False,
         flush_delay: float = 0.01,
         output_stall_timeout: float = 1.0,
+        output_buffer_limit: int = _OUTPUT_LIMIT,
     ) -> None:
+        if output_buffer_limit < 1:
+            raise ValueError("output_buffer_limit must be at least 1")
         self._interrupt_evt = interrupt_evt
         self._output = output
         self._owns_output = owns_output
         self._label = label
         self._flush_delay = flush_delay
         self._stall_timeout = output_stall_timeout
+        self._out_limit = output_buffer_limit
+        # Below this many buffered bytes a THR write only appends (see write()).
+        self._fast_limit = min(_FLUSH_THRESHOLD, output_buffer_limit)
 
         self._lock = threading.Lock()
         # Signalled when receive FIFO space frees up or transmit buffer state changes.
@@ -298,7 +311,7 @@ class Serial:
                     if self._output is not None and not self._closed:
                         value = data[0]
                         buf = self._tx_buf
-                        if 0 < len(buf) < _FLUSH_THRESHOLD and value != 0x0A:
+                        if 0 < len(buf) < self._fast_limit and value != 0x0A:
                             buf.append(value)  # the flusher already knows there is output
                         else:
                             self._buffer_output(value)
@@ -515,7 +528,7 @@ class Serial:
             if self._input_thread is not None:
                 raise RuntimeError(f"{self._label}: input already started")
             if self._closed:
-                raise OSError(9, "Bad file descriptor")
+                raise OSError(errno.EBADF, f"{self._label} is closed")
             self._input_stop = os.pipe2(os.O_CLOEXEC)
             thread = threading.Thread(
                 target=self._input_loop,
@@ -550,7 +563,7 @@ class Serial:
 
     def _buffer_output(self, value: int) -> None:
         buf = self._tx_buf
-        if len(buf) >= _OUTPUT_LIMIT and (self._tx_stalled or not self._wait_for_output_room()):
+        if len(buf) >= self._out_limit and (self._tx_stalled or not self._wait_for_output_room()):
             self.dropped_output += 1
             return
         was_empty = not buf
@@ -569,7 +582,7 @@ class Serial:
         deadline = time.monotonic() + self._stall_timeout
         self._tx_urgent = True
         self._tx_cond.notify()
-        while len(self._tx_buf) >= _OUTPUT_LIMIT:
+        while len(self._tx_buf) >= self._out_limit:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._closed:
                 _log.warning("%s: output reader stalled; dropping output", self._label)
@@ -625,8 +638,13 @@ class Serial:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
-        """Flush output, stop the input and output threads, close an owned output. Idempotent."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush output, stop the input and output threads, close an owned output. Idempotent.
+
+        Waits at most ``timeout`` seconds for each thread: an output reader that never reads
+        (a terminal stopped with ^S) must not hang the VMM's exit; its pending output is then
+        abandoned and the output is left open for the stuck thread.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -637,10 +655,14 @@ class Serial:
             flusher = self._flusher
         if stop is not None:
             os.write(stop[1], b"x")
-        if input_thread is not None and input_thread is not threading.current_thread():
-            input_thread.join()
-        if flusher is not None and flusher is not threading.current_thread():
-            flusher.join()
+        stuck = False
+        for thread in (input_thread, flusher):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
+                stuck |= thread.is_alive()
+        if stuck:
+            _log.warning("%s: I/O thread did not stop; abandoning its output", self._label)
+            return
         self.flush()
         if stop is not None:
             os.close(stop[0])
