@@ -86,6 +86,8 @@ class Kvm:
     @property
     def vcpu_mmap_size(self) -> int:
         """``KVM_GET_VCPU_MMAP_SIZE``: bytes to map of each vCPU fd (``kvm_run`` and after)."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "kvm is closed")
         if not self._run_size:
             self._run_size = ioctl_val(
                 self._fd, kvm_sys.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"

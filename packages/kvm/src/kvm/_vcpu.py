@@ -186,7 +186,10 @@ class Vcpu:
         For callers that dispatch on integers themselves; :meth:`run` is this plus one dict
         lookup, so most code should just call :meth:`run`.
         """
-        return int(_run_c(self._h))
+        code = int(_run_c(self._h))
+        if code & 0xFF == _TAG_ERROR:
+            raise_errno((code >> 8) & 0xFFFFFF, "KVM_RUN")
+        return code
 
     def _decode(self, code: int) -> VcpuExit:
         tag = code & 0xFF

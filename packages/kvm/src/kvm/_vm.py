@@ -104,7 +104,12 @@ class Vm:
     def close(self) -> None:
         """Close the VM fd (idempotent). The kernel frees the VM when its vCPUs are gone too."""
         self._fd = -1
+        self._slots.clear()
         self._finalizer()
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "vm is closed")
 
     def __enter__(self) -> Vm:
         return self
@@ -181,6 +186,7 @@ class Vm:
 
     def remove_memory_region(self, slot: int) -> MemoryRegionInfo:
         """Delete a slot; returns what it was. Unknown slot: ``OSError(ENOENT)``."""
+        self._check_open()
         with self._lock:
             info = self._slots.get(slot)
             if info is None:
@@ -197,6 +203,7 @@ class Vm:
 
         The slot must have been added with ``log_dirty=True``.
         """
+        self._check_open()
         info = self._slots.get(slot)
         if info is None:
             raise OSError(errno.ENOENT, f"no memory slot {slot}")
