@@ -218,12 +218,17 @@ class Block(ThreadedVirtioDevice):
 
     def handle_request(self, chain: DescriptorChain) -> int:
         """Execute one request; return the number of bytes written into the chain."""
-        writer = chain.writer()
-        room = writer.available_bytes()
+        writable = chain.writable
+        room = chain.writable_len
         if room < 1:
             self.log.warn("request %d has no room for a status byte", chain.head)
             return 0
-        status_writer = writer.split_at(room - 1)
+        # The status byte is the last writable byte; the data area is everything before it.
+        last_addr, last_len = writable[-1]
+        data_segs = writable[:-1]
+        if last_len > 1:
+            data_segs.append((last_addr, last_len - 1))
+        writer = Writer(chain.ram, data_segs, room - 1)
         reader = chain.reader()
         try:
             status = self._execute(reader, writer)
@@ -233,7 +238,7 @@ class Block(ThreadedVirtioDevice):
         except OSError as err:
             self.log.warn("I/O error on request %d: %s", chain.head, err)
             status = VIRTIO_BLK_S_IOERR
-        status_writer.write(bytes((status,)))
+        chain.ram.views(last_addr + last_len - 1, 1)[0][0] = status
         return writer.bytes_written + 1
 
     def _check_range(self, sector: int, length: int) -> int | None:
