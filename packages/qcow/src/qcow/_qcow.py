@@ -1,0 +1,1212 @@
+"""QcowFile: reading and writing qcow2 images (versions 2 and 3).
+
+Crash safety rests on one invariant, explained in DESIGN.md: the refcounts in memory are never
+lower than the references held by the tables on disk. Refcount increments reach the disk before
+the L2/L1 entries that need them (with ``fdatasync`` in between), and decrements are applied only
+after the tables that dropped the reference are durable. A killed process therefore leaves at
+worst leaked clusters, never a cluster used twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import threading
+import zlib
+from array import array
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from qcow import _header as H
+from qcow._backing import BackingFile, RawBacking, detect_image_type, zero_fill
+from qcow._tables import (
+    COMPRESSED,
+    COPIED,
+    L1_RESERVED,
+    L2_RESERVED,
+    OFFSET_MASK,
+    ZERO,
+    LruCache,
+    RefBlock,
+    decode_u64_table,
+    encode_u64_table,
+)
+from qcow.errors import (
+    CorruptImage,
+    Error,
+    InvalidChain,
+    InvalidImage,
+    OutOfRange,
+    ReadOnlyImage,
+    UnsupportedFeature,
+)
+
+if TYPE_CHECKING:
+    from qcow._check import CheckResult
+
+__all__ = ["QcowFile"]
+
+MAX_CHAIN_DEPTH = 32
+DEFAULT_CLUSTER_SIZE = 65536
+_L2_CACHE_BYTES = 8 << 20
+_RB_CACHE_BYTES = 8 << 20
+_U64 = struct.Struct(">Q")
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        done += n
+
+
+class QcowFile:
+    """An open qcow2 image: a virtual disk of :attr:`virtual_size` bytes.
+
+    Use :meth:`open` or :meth:`create`. Thread-safe: one lock serialises requests, because a
+    write may reallocate the clusters a concurrent read would be reading.
+
+    The object also satisfies ``devices``' ``DiskBackend`` protocol (``read_into``,
+    ``write_from``, ``size``, ``read_only``...), so virtio-block can use it directly.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        fd: int,
+        header: H.Header,
+        writable: bool,
+        backing: BackingFile | None,
+    ) -> None:
+        self._path = path
+        self._fd = fd
+        self._hdr = header
+        self._writable = writable
+        self._backing = backing
+        self._lock = threading.RLock()
+        cb = header.cluster_bits
+        self._cb = cb
+        self._cs = 1 << cb
+        self._cmask = self._cs - 1
+        self._l2b = cb - 3
+        self._l2n = 1 << self._l2b
+        self._l2mask = self._l2n - 1
+        self._rbb = cb + 3 - header.refcount_order  # log2(entries per refcount block)
+        self._rbmask = (1 << self._rbb) - 1
+        self._v3 = header.version >= 3
+        self._lazy = self._v3 and bool(header.compatible_features & H.COMPAT_LAZY_REFCOUNTS)
+        self._modified = False  # metadata or header changed since open (dirty bit, autoclear)
+        self._data_unsynced = False
+        self._rc_unsynced = False
+        self._file_end = os.fstat(fd).st_size
+        self._hint = 0
+        self._pending_free: list[int] = []
+        self._l1 = array("Q")
+        self._l1_dirty: set[int] = set()
+        self._reftable = array("Q")
+        self._reftable_dirty: set[int] = set()
+        self._l2: LruCache[int, array[int]] = LruCache(max(8, _L2_CACHE_BYTES >> cb))
+        self._rb: LruCache[int, RefBlock] = LruCache(max(64, _RB_CACHE_BYTES >> cb))
+        self._zc_host = -1
+        self._zc_data = b""
+        self._load_tables()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        writable: bool = False,
+        *,
+        lock: bool = True,
+        _depth: int = 0,
+        _seen: frozenset[str] = frozenset(),
+    ) -> QcowFile:
+        """Open an existing image; its backing chain is opened read-only.
+
+        An image whose dirty bit is set (lazy refcounts, not closed cleanly) has its refcounts
+        rebuilt when opened writable, as the spec requires; read-only opens do not need them.
+        """
+        spath = os.fspath(path)
+        real = os.path.realpath(spath)
+        if real in _seen:
+            raise InvalidChain(spath, "the backing chain contains a loop")
+        if _depth > MAX_CHAIN_DEPTH:
+            raise InvalidChain(spath, f"backing chain deeper than {MAX_CHAIN_DEPTH}")
+        fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        backing: BackingFile | None = None
+        try:
+            if lock:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                except BlockingIOError as err:
+                    raise Error(
+                        f"{spath}: image is in use by another process", errno.EAGAIN
+                    ) from err
+            hdr = H.read_header(fd, os.fstat(fd).st_size)
+            if writable and hdr.incompatible_features & H.INCOMPAT_CORRUPT:
+                raise CorruptImage("image is marked corrupt; it may only be opened read-only")
+            if hdr.backing_file:
+                backing = _open_backing(spath, hdr, _depth, _seen | {real}, lock)
+            qf = cls(spath, fd, hdr, writable, backing)
+        except BaseException:
+            if backing is not None:
+                backing.close()
+            os.close(fd)
+            raise
+        if writable and hdr.incompatible_features & H.INCOMPAT_DIRTY:
+            try:
+                qf._repair_dirty()
+            except BaseException:
+                qf.close()
+                raise
+        return qf
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        cluster_size: int = DEFAULT_CLUSTER_SIZE,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        refcount_bits: int = 16,
+        *,
+        version: int = 3,
+        lazy_refcounts: bool = False,
+    ) -> QcowFile:
+        """Create a new, empty image (replacing ``path``) and return it open for writing.
+
+        ``size`` may be omitted when ``backing_file`` is given: the backing file's size is used.
+        A relative ``backing_file`` is stored as given and resolved against the image's
+        directory, as qemu-img does.
+        """
+        from qcow._create import write_new_image
+
+        spath = os.fspath(path)
+        if size is None:
+            if backing_file is None:
+                raise ValueError("size is required without a backing file")
+            size = _backing_size(spath, backing_file, backing_format)
+        write_new_image(
+            spath,
+            size,
+            cluster_size=cluster_size,
+            backing_file=backing_file,
+            backing_format=backing_format,
+            refcount_bits=refcount_bits,
+            version=version,
+            lazy_refcounts=lazy_refcounts,
+        )
+        return cls.open(spath, writable=True)
+
+    def _load_tables(self) -> None:
+        hdr, cs, fd = self._hdr, self._cs, self._fd
+        raw = os.pread(fd, hdr.l1_size * 8, hdr.l1_table_offset) if hdr.l1_size else b""
+        self._l1 = decode_u64_table(raw)
+        for i, e in enumerate(self._l1):
+            if not e:
+                continue
+            off = e & OFFSET_MASK
+            if e & L1_RESERVED:
+                raise CorruptImage(
+                    f"L1 entry {i} has reserved bits set", hdr.l1_table_offset + 8 * i
+                )
+            if off and (off < cs or off + cs > self._file_end):
+                raise CorruptImage(f"L1 entry {i} points outside the image", off)
+        raw = os.pread(fd, hdr.refcount_table_clusters * cs, hdr.refcount_table_offset)
+        self._reftable = decode_u64_table(raw)
+        for i, e in enumerate(self._reftable):
+            if not e:
+                continue
+            if e & 0x1FF:
+                raise CorruptImage(f"refcount table entry {i} is misaligned", e)
+            if e & self._cmask or e < cs or e + cs > self._file_end:
+                raise CorruptImage(f"refcount table entry {i} points outside the image", e)
+
+    # ------------------------------------------------------------------ fd protocol
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "qcow2 image is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Write back all metadata, clear the dirty bit, and close the chain. Idempotent."""
+        if self._fd < 0:
+            return
+        try:
+            with self._lock:
+                if self._writable:
+                    self._write_metadata()
+                    if self._lazy and self._modified:
+                        self._persist_refcounts(force_sync=True)
+                        self._set_incompat(self._hdr.incompatible_features & ~H.INCOMPAT_DIRTY)
+                    if self._data_unsynced or self._modified:
+                        os.fdatasync(self._fd)
+        finally:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+            if self._backing is not None:
+                self._backing.close()
+
+    def __enter__(self) -> QcowFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("rw" if self._writable else "ro")
+        return f"<QcowFile {self._path!r} {self._hdr.size} bytes {state}>"
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def virtual_size(self) -> int:
+        return self._hdr.size
+
+    def size(self) -> int:
+        """The virtual size (DiskBackend protocol)."""
+        return self._hdr.size
+
+    @property
+    def read_only(self) -> bool:
+        return not self._writable
+
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cs
+
+    @property
+    def header(self) -> H.Header:
+        """The decoded header (read it, do not modify it)."""
+        return self._hdr
+
+    @property
+    def backing(self) -> BackingFile | None:
+        return self._backing
+
+    def allocated_bytes(self) -> int:
+        """Guest bytes stored in this image itself (not the backing file, not zero clusters)."""
+        with self._lock:
+            self.fileno()
+            total = 0
+            for l1i, e in enumerate(self._l1):
+                if not e & OFFSET_MASK:
+                    continue
+                table = self._load_l2(l1i)
+                for entry in table:
+                    if entry & COMPRESSED or (entry & OFFSET_MASK and not entry & ZERO):
+                        total += self._cs
+            return min(total, -(-self._hdr.size // self._cs) * self._cs)
+
+    # ------------------------------------------------------------------ reads
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` (short only at the end of the disk)."""
+        length = max(0, min(length, self._hdr.size - offset))
+        buf = bytearray(length)
+        n = self.readinto_at(memoryview(buf), offset)
+        return bytes(buf[:n])
+
+    def readinto_at(self, buf: memoryview | bytearray, offset: int) -> int:
+        """Fill ``buf`` from guest ``offset``; returns bytes read (short only at end of disk).
+
+        Allocated clusters are read with ``os.preadv`` straight into ``buf`` (no copy), and
+        physically contiguous clusters are read with one call.
+        """
+        mv = memoryview(buf)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        if offset < 0 or offset > self._hdr.size:
+            raise OutOfRange(offset, len(mv), self._hdr.size)
+        n = min(len(mv), self._hdr.size - offset)
+        with self._lock:
+            self.fileno()
+            self._read(mv[:n], offset)
+        return n
+
+    def _read(self, mv: memoryview, offset: int) -> None:
+        n = len(mv)
+        cb, cs, cmask, l2b, l2mask, l2n = (
+            self._cb,
+            self._cs,
+            self._cmask,
+            self._l2b,
+            self._l2mask,
+            self._l2n,
+        )
+        fd = self._fd
+        pos = 0
+        while pos < n:
+            guest = offset + pos
+            cl = guest >> cb
+            l1i = cl >> l2b
+            l2i = cl & l2mask
+            in_off = guest & cmask
+            table = self._load_l2(l1i) if l1i < len(self._l1) else None
+            # the bytes of this request covered by this L2 table
+            span_end = min(n, pos + ((l2n - l2i) << cb) - in_off)
+            if table is None:
+                self._read_unallocated(mv[pos:span_end], guest)
+                pos = span_end
+                continue
+            while pos < span_end:
+                chunk = min(cs - in_off, span_end - pos)
+                e = table[l2i]
+                host = e & OFFSET_MASK
+                if host and not e & (ZERO | COMPRESSED):
+                    self._check_host(host, e, guest)
+                    # extend over physically contiguous clusters
+                    end = pos + chunk
+                    nxt = host + cs
+                    j = l2i + 1
+                    while end < span_end and nxt < self._file_end:
+                        e2 = table[j]
+                        if e2 & (OFFSET_MASK | ZERO | COMPRESSED | L2_RESERVED) != nxt:
+                            break
+                        end = min(span_end, end + cs)
+                        nxt += cs
+                        j += 1
+                    want = end - pos
+                    got = os.preadv(fd, [mv[pos:end]], host + in_off)
+                    if got < want:
+                        self._short_read(mv[pos:end], got, host + in_off)
+                    l2i = j
+                    pos = end
+                    in_off = 0
+                    continue
+                if e & COMPRESSED:
+                    data = self._decompress(e)
+                    mv[pos : pos + chunk] = data[in_off : in_off + chunk]
+                elif e & ZERO and self._v3:
+                    zero_fill(mv[pos : pos + chunk])
+                elif host:
+                    # v2 image with bit 0 set: reserved, ignore it
+                    self._check_host(host, e, guest)
+                    got = os.preadv(fd, [mv[pos : pos + chunk]], host + in_off)
+                    if got < chunk:
+                        self._short_read(mv[pos : pos + chunk], got, host + in_off)
+                else:
+                    # unallocated: extend over following unallocated entries
+                    end = pos + chunk
+                    j = l2i + 1
+                    while end < span_end and not table[j]:
+                        end = min(span_end, end + cs)
+                        j += 1
+                    self._read_unallocated(mv[pos:end], guest)
+                    l2i = j
+                    pos = end
+                    in_off = 0
+                    continue
+                pos += chunk
+                l2i += 1
+                in_off = 0
+
+    def _short_read(self, mv: memoryview, got: int, host: int) -> None:
+        """Finish a read interrupted early: retry, and read zeros past the end of the file."""
+        want = len(mv)
+        while got < want:
+            more = os.preadv(self._fd, [mv[got:]], host + got)
+            if more <= 0:
+                zero_fill(mv[got:])
+                return
+            got += more
+
+    def _read_unallocated(self, mv: memoryview, guest: int) -> None:
+        b = self._backing
+        if b is None:
+            zero_fill(mv)
+            return
+        bsize = b.virtual_size
+        inside = max(0, min(len(mv), bsize - guest))
+        if inside:
+            b.readinto_at(mv[:inside], guest)
+        if inside < len(mv):
+            zero_fill(mv[inside:])
+
+    def _check_host(self, host: int, entry: int, guest: int) -> None:
+        """Reject an L2 entry that points into the header or past the end of the file."""
+        if host < self._cs or host >= self._file_end or entry & L2_RESERVED:
+            # the file may have grown behind our back (another process cannot: we hold a lock)
+            self._file_end = max(self._file_end, os.fstat(self._fd).st_size)
+            if host < self._cs or host >= self._file_end:
+                raise CorruptImage(
+                    f"L2 entry for guest offset {guest:#x} points outside the image", host
+                )
+            if entry & L2_RESERVED:
+                raise CorruptImage(f"L2 entry for guest offset {guest:#x} has reserved bits", host)
+
+    def _compressed_range(self, entry: int) -> tuple[int, int]:
+        """(host offset, byte length) of a compressed cluster's data."""
+        x = 62 - (self._cb - 8)
+        host = entry & ((1 << x) - 1)
+        sectors = ((entry >> x) & ((1 << (self._cb - 8)) - 1)) + 1
+        length = (host & ~511) + sectors * 512 - host
+        return host, length
+
+    def _decompress(self, entry: int) -> bytes:
+        host, length = self._compressed_range(entry)
+        if host == self._zc_host:
+            return self._zc_data
+        if host < self._cs or host >= self._file_end:
+            raise CorruptImage("compressed cluster points outside the image", host)
+        raw = os.pread(self._fd, length, host)
+        try:
+            d = zlib.decompressobj(-15)
+            data = d.decompress(raw, self._cs)
+        except zlib.error as err:
+            raise CorruptImage(f"compressed cluster does not inflate: {err}", host) from err
+        if len(data) != self._cs:
+            raise CorruptImage("compressed cluster inflates to less than a cluster", host)
+        self._zc_host, self._zc_data = host, data
+        return data
+
+    # ------------------------------------------------------------------ DiskBackend
+
+    def read_into(self, iovecs: Sequence[memoryview], offset: int) -> int:
+        """Fill several buffers from consecutive guest bytes (virtio-block's request shape)."""
+        total = 0
+        for iov in iovecs:
+            got = self.readinto_at(iov, offset + total)
+            total += got
+            if got < len(iov):
+                break
+        return total
+
+    def write_from(self, iovecs: Sequence[memoryview], offset: int) -> int:
+        """Write several buffers to consecutive guest bytes."""
+        total = sum(len(iov) for iov in iovecs)
+        if offset < 0 or offset + total > self._hdr.size:
+            raise OutOfRange(offset, total, self._hdr.size)
+        done = 0
+        for iov in iovecs:
+            done += self.write_at(iov, offset + done)
+        return done
+
+    # ------------------------------------------------------------------ writes
+
+    def _check_writable(self, offset: int, length: int) -> None:
+        self.fileno()
+        if not self._writable:
+            raise ReadOnlyImage()
+        if offset < 0 or length < 0 or offset + length > self._hdr.size:
+            raise OutOfRange(offset, length, self._hdr.size)
+
+    def write_at(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        """Write ``data`` at guest ``offset``; returns ``len(data)``.
+
+        Data goes straight to clusters this image owns alone; anything else (unallocated, zero,
+        compressed or shared clusters) gets a new cluster, filled by copy-on-write.
+        """
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        with self._lock:
+            self._check_writable(offset, n)
+            if n == 0:
+                return 0
+            self._validate_range(offset, n)
+            self._begin_modify()
+            self._write(mv, offset)
+            self._data_unsynced = True
+        return n
+
+    def _validate_range(self, offset: int, length: int) -> None:
+        """Load and check every table entry a request will use, before anything is written.
+
+        This is what makes "an error never leaves the file modified" true: corrupt metadata in
+        the middle of a request is found before the first byte of the request is written.
+        """
+        cb, l2b, l2mask = self._cb, self._l2b, self._l2mask
+        first = offset >> cb
+        last = (offset + length - 1) >> cb
+        for cl in range(first, last + 1):
+            l1i = cl >> l2b
+            if not self._l1[l1i] & OFFSET_MASK:
+                continue
+            e = self._load_l2(l1i)[cl & l2mask]
+            if not e:
+                continue
+            if e & COMPRESSED:
+                host, _ = self._compressed_range(e)
+                if host < self._cs or host >= self._file_end:
+                    raise CorruptImage("compressed cluster points outside the image", host)
+                continue
+            host = e & OFFSET_MASK
+            if host:
+                self._check_host(host, e, cl << cb)
+                if e & COPIED and self._get_refcount(host >> cb) == 0:
+                    raise CorruptImage("allocated cluster has refcount 0", host)
+
+    def _begin_modify(self) -> None:
+        """First modification: clear unknown autoclear bits; with lazy refcounts, set dirty."""
+        if self._modified:
+            return
+        hdr = self._hdr
+        if hdr.autoclear_features:
+            # We do not maintain bitmaps: the spec says clear the bit before writing.
+            hdr.autoclear_features = 0
+            self._write_header_fixed()
+        if self._lazy:
+            self._set_incompat(hdr.incompatible_features | H.INCOMPAT_DIRTY)
+        self._modified = True
+
+    def _write(self, mv: memoryview, offset: int) -> None:
+        n = len(mv)
+        cb, cs, cmask, l2b, l2mask, l2n = (
+            self._cb,
+            self._cs,
+            self._cmask,
+            self._l2b,
+            self._l2mask,
+            self._l2n,
+        )
+        pos = 0
+        while pos < n:
+            guest = offset + pos
+            cl = guest >> cb
+            l1i = cl >> l2b
+            l2i = cl & l2mask
+            in_off = guest & cmask
+            table = self._writable_l2(l1i)
+            span_end = min(n, pos + ((l2n - l2i) << cb) - in_off)
+            while pos < span_end:
+                chunk = min(cs - in_off, span_end - pos)
+                e = table[l2i]
+                if self._owned(e):
+                    host = e & OFFSET_MASK
+                    end = pos + chunk
+                    nxt = host + cs
+                    j = l2i + 1
+                    while end < span_end and table[j] & (OFFSET_MASK | ZERO | COMPRESSED) == nxt:
+                        if not self._owned(table[j]):
+                            break
+                        end = min(span_end, end + cs)
+                        nxt += cs
+                        j += 1
+                    self._pwritev(mv[pos:end], host + in_off)
+                    l2i, pos, in_off = j, end, 0
+                    continue
+                if chunk == cs:
+                    # whole clusters needing allocation: allocate a run, write it in one go
+                    k = 1
+                    while pos + (k + 1) * cs <= span_end and not self._owned(table[l2i + k]):
+                        k += 1
+                    hosts = [self._alloc() for _ in range(k)]
+                    start = 0
+                    while start < k:
+                        stop = start + 1
+                        while stop < k and hosts[stop] == hosts[stop - 1] + 1:
+                            stop += 1
+                        self._pwritev(mv[pos + start * cs : pos + stop * cs], hosts[start] << cb)
+                        start = stop
+                    for i, h in enumerate(hosts):
+                        old = table[l2i + i]
+                        table[l2i + i] = (h << cb) | COPIED
+                        self._release(old)
+                    self._l2.dirty.add(self._l1[l1i] & OFFSET_MASK)
+                    l2i += k
+                    pos += k * cs
+                    continue
+                # partial cluster: copy-on-write of whatever the cluster reads as now
+                base = bytearray(cs)
+                self._cluster_content(memoryview(base), e, guest - in_off)
+                base[in_off : in_off + chunk] = mv[pos : pos + chunk]
+                h = self._alloc()
+                self._pwritev(memoryview(base), h << cb)
+                table[l2i] = (h << cb) | COPIED
+                self._release(e)
+                self._l2.dirty.add(self._l1[l1i] & OFFSET_MASK)
+                pos += chunk
+                l2i += 1
+                in_off = 0
+
+    def _owned(self, e: int) -> bool:
+        """True if the cluster may be written in place: ours alone (COPIED, refcount 1)."""
+        if not e & COPIED or e & (ZERO | COMPRESSED):
+            return False
+        host = e & OFFSET_MASK
+        return bool(host) and self._get_refcount(host >> self._cb) == 1
+
+    def _cluster_content(self, out: memoryview, e: int, guest: int) -> None:
+        """What a guest cluster reads as now (for copy-on-write of a partial write)."""
+        if e & COMPRESSED:
+            out[:] = self._decompress(e)
+        elif e & ZERO and self._v3:
+            return  # out is already zeros
+        elif e & OFFSET_MASK:
+            host = e & OFFSET_MASK
+            got = os.preadv(self._fd, [out], host)
+            if got < len(out):
+                self._short_read(out, got, host)
+        else:
+            end = min(len(out), self._hdr.size - guest)
+            self._read_unallocated(out[:end], guest)
+
+    def _pwritev(self, mv: memoryview, offset: int) -> None:
+        done = os.pwritev(self._fd, [mv], offset)
+        while done < len(mv):
+            n = os.pwritev(self._fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            done += n
+        if offset + len(mv) > self._file_end:
+            self._file_end = offset + len(mv)
+
+    def _release(self, e: int) -> None:
+        """Queue the drop of a reference once the table that held it is durable."""
+        if not e:
+            return
+        if e & COMPRESSED:
+            host, length = self._compressed_range(e)
+            for c in range(host >> self._cb, (host + length - 1 >> self._cb) + 1):
+                self._pending_free.append(c)
+            return
+        host = e & OFFSET_MASK
+        if host:
+            self._pending_free.append(host >> self._cb)
+
+    # ------------------------------------------------------------------ discard / zeroes
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; it reads as zeros afterwards (as write_zeroes with unmap)."""
+        self.write_zeroes(offset, length, unmap=True)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make a range read as zeros, with zero clusters (v3) rather than written zeros.
+
+        Whole clusters lose their data cluster (freed once the L2 update is durable) and get
+        the zero flag; the edges of the range are written as zeros. On version 2 images, which
+        have no zero flag, a cluster can only be deallocated if there is no backing file.
+        ``unmap`` is accepted for the DiskBackend protocol: clusters are always released.
+        """
+        del unmap
+        with self._lock:
+            self._check_writable(offset, length)
+            if length == 0:
+                return
+            self._validate_range(offset, length)
+            self._begin_modify()
+            cb, cmask = self._cb, self._cmask
+            end = offset + length
+            first_full = (offset + cmask) & ~cmask
+            # the disk's last cluster may be partial: zeroing up to the end zeroes all of it
+            full_end = (end + cmask) & ~cmask if end == self._hdr.size else end & ~cmask
+            if offset < first_full:
+                self._zero_partial(offset, min(end, first_full) - offset)
+            if first_full <= full_end < end:
+                self._zero_partial(full_end, end - full_end)
+            for cl in range(first_full >> cb, full_end >> cb):
+                self._zero_cluster(cl)
+
+    def _zero_partial(self, offset: int, length: int) -> None:
+        cl = offset >> self._cb
+        e = self._entry(cl)
+        if (e & ZERO and self._v3) or (not e and self._reads_zero_unallocated(cl)):
+            return
+        self._write(memoryview(bytes(length)), offset)
+        self._data_unsynced = True
+
+    def _reads_zero_unallocated(self, cl: int) -> bool:
+        b = self._backing
+        return b is None or (cl << self._cb) >= b.virtual_size
+
+    def _entry(self, cl: int) -> int:
+        l1i = cl >> self._l2b
+        if l1i >= len(self._l1) or not self._l1[l1i] & OFFSET_MASK:
+            return 0
+        return self._load_l2(l1i)[cl & self._l2mask]
+
+    def _zero_cluster(self, cl: int) -> None:
+        e = self._entry(cl)
+        unalloc_zero = self._reads_zero_unallocated(cl)
+        if self._v3:
+            if e & ZERO and not e & (OFFSET_MASK | COMPRESSED):
+                return
+            if not e and unalloc_zero:
+                return  # unallocated without backing data: already zeros
+            new = ZERO
+        else:
+            if not unalloc_zero:
+                self._write(memoryview(bytes(self._cs)), cl << self._cb)
+                self._data_unsynced = True
+                return
+            if not e:
+                return
+            new = 0
+        table = self._writable_l2(cl >> self._l2b)
+        l2i = cl & self._l2mask
+        old = table[l2i]
+        table[l2i] = new
+        self._release(old)
+        self._l2.dirty.add(self._l1[cl >> self._l2b] & OFFSET_MASK)
+
+    # ------------------------------------------------------------------ resize / flush
+
+    def resize(self, new_size: int) -> None:
+        """Grow the virtual disk (shrinking is not supported: it would drop guest data)."""
+        with self._lock:
+            self.fileno()
+            if not self._writable:
+                raise ReadOnlyImage()
+            if new_size < self._hdr.size:
+                raise UnsupportedFeature("shrinking an image")
+            if new_size > H.MAX_VIRTUAL_SIZE:
+                raise OutOfRange(new_size, 0, H.MAX_VIRTUAL_SIZE)
+            if new_size == self._hdr.size:
+                return
+            self._begin_modify()
+            per_l1 = self._cs * self._l2n
+            need = -(-new_size // per_l1)
+            if need * 8 > H.MAX_L1_BYTES:
+                raise OutOfRange(new_size, 0, H.MAX_L1_BYTES // 8 * per_l1)
+            if need > len(self._l1):
+                self._grow_l1(need)
+            self._hdr.size = new_size
+            self._write_header_fixed()
+            os.fdatasync(self._fd)
+
+    def _grow_l1(self, entries: int) -> None:
+        # Everything the new L1 will point to must be on disk first.
+        self._write_metadata()
+        cs, cb = self._cs, self._cb
+        nclusters = -(-(entries * 8) // cs)
+        first = self._alloc_contiguous(nclusters)
+        new_l1 = array("Q", self._l1)
+        new_l1.extend([0] * (entries - len(self._l1)))
+        self._persist_refcounts(force_sync=True)
+        raw = encode_u64_table(new_l1)
+        _pwrite_all(self._fd, raw + bytes(nclusters * cs - len(raw)), first << cb)
+        self._file_end = max(self._file_end, (first + nclusters) << cb)
+        os.fdatasync(self._fd)
+        old_off, old_size = self._hdr.l1_table_offset, self._hdr.l1_size
+        self._hdr.l1_table_offset = first << cb
+        self._hdr.l1_size = entries
+        self._write_header_fixed()
+        os.fdatasync(self._fd)
+        self._l1 = new_l1
+        self._l1_dirty.clear()
+        if old_size:
+            for c in range(old_off >> cb, (old_off + old_size * 8 - 1 >> cb) + 1):
+                self._pending_free.append(c)
+
+    def flush(self) -> None:
+        """Make every completed write durable (metadata in crash-safe order, then fdatasync)."""
+        with self._lock:
+            self.fileno()
+            if not self._writable:
+                return
+            self._write_metadata()
+            if self._data_unsynced:
+                os.fdatasync(self._fd)
+                self._data_unsynced = False
+
+    # ------------------------------------------------------------------ check
+
+    def check(self, *, repair: bool = False) -> CheckResult:
+        """Cross-check refcounts against every reference; optionally rebuild the refcounts.
+
+        Returns a :class:`qcow.CheckResult` with the counts of leaks and corruptions.
+        """
+        from qcow._check import check_image
+
+        with self._lock:
+            self.fileno()
+            if repair and not self._writable:
+                raise ReadOnlyImage("repair needs the image opened writable")
+            if self._writable:
+                self._write_metadata()
+            result = check_image(self, repair=repair)
+            return result
+
+    def _repair_dirty(self) -> None:
+        from qcow._check import check_image
+
+        check_image(self, repair=True)
+        self._set_incompat(self._hdr.incompatible_features & ~H.INCOMPAT_DIRTY)
+        os.fdatasync(self._fd)
+
+    def _reload_refcounts(self) -> None:
+        """Forget cached refcounts after the refcount structures were rebuilt on disk."""
+        self._rb.clear()
+        self._reftable_dirty.clear()
+        self._l2.clear()
+        self._file_end = os.fstat(self._fd).st_size
+        self._load_tables()
+        self._hint = 0
+
+    # ------------------------------------------------------------------ L1 / L2 tables
+
+    def _load_l2(self, l1i: int) -> array[int]:
+        off = self._l1[l1i] & OFFSET_MASK
+        table = self._l2.get(off)
+        if table is not None:
+            return table
+        raw = os.pread(self._fd, self._cs, off)
+        if len(raw) != self._cs:
+            raise CorruptImage("L2 table extends past the end of the file", off)
+        table = decode_u64_table(raw)
+        self._l2_put(off, table)
+        return table
+
+    def _l2_put(self, off: int, table: array[int]) -> None:
+        cache = self._l2
+        while cache.full():
+            victim = cache.victim()
+            if victim in cache.dirty:
+                # A dirty L2 may only reach the disk after the refcounts it relies on.
+                self._write_metadata()
+            cache.pop(victim)
+        cache.put(off, table)
+
+    def _writable_l2(self, l1i: int) -> array[int]:
+        """The L2 table for ``l1i``, owned by the active L1 alone (allocated or COWed here)."""
+        e = self._l1[l1i]
+        off = e & OFFSET_MASK
+        if off and e & COPIED and self._get_refcount(off >> self._cb) == 1:
+            return self._load_l2(l1i)
+        new_off = self._alloc() << self._cb
+        if not off:
+            table = array("Q", bytes(self._cs))
+        else:
+            # Shared with a snapshot: copy it, and each cluster it maps gains a reference.
+            old = self._load_l2(l1i)
+            table = array("Q", old)
+            for i, entry in enumerate(table):
+                if not entry:
+                    continue
+                if entry & COMPRESSED:
+                    host, length = self._compressed_range(entry)
+                    for c in range(host >> self._cb, (host + length - 1 >> self._cb) + 1):
+                        self._add_refcount(c, 1)
+                elif entry & OFFSET_MASK:
+                    self._add_refcount((entry & OFFSET_MASK) >> self._cb, 1)
+                table[i] = entry & ~COPIED
+            self._pending_free.append(off >> self._cb)
+        self._l2_put(new_off, table)
+        self._l2.dirty.add(new_off)
+        self._l1[l1i] = new_off | COPIED
+        self._l1_dirty.add(l1i)
+        return table
+
+    # ------------------------------------------------------------------ refcounts
+
+    def _refblock(self, ti: int, create: bool) -> RefBlock | None:
+        rb = self._rb.get(ti)
+        if rb is not None:
+            return rb
+        off = self._reftable[ti] if ti < len(self._reftable) else 0
+        if not off:
+            return self._new_refblock(ti) if create else None
+        raw = os.pread(self._fd, self._cs, off)
+        if len(raw) != self._cs:
+            raise CorruptImage("refcount block extends past the end of the file", off)
+        rb = RefBlock(self._hdr.refcount_order, raw)
+        self._rb_put(ti, rb)
+        return rb
+
+    def _rb_put(self, ti: int, rb: RefBlock) -> None:
+        cache = self._rb
+        while cache.full():
+            victim = cache.victim()
+            if victim in cache.dirty:
+                # Writing refcounts early is always safe (they never undercount the disk).
+                vb = cache.peek(victim)
+                assert vb is not None
+                _pwrite_all(self._fd, vb.to_bytes(), self._reftable[victim])
+                self._rc_unsynced = True
+            cache.pop(victim)
+        cache.put(ti, rb)
+
+    def _get_refcount(self, cluster: int) -> int:
+        rb = self._refblock(cluster >> self._rbb, False)
+        return 0 if rb is None else rb.get(cluster & self._rbmask)
+
+    def _add_refcount(self, cluster: int, delta: int) -> int:
+        ti = cluster >> self._rbb
+        rb = self._refblock(ti, True)
+        assert rb is not None
+        i = cluster & self._rbmask
+        value = rb.get(i) + delta
+        if value < 0:
+            raise CorruptImage("refcount would drop below zero", cluster << self._cb)
+        if value > rb.max_value:
+            raise Error(
+                f"refcount of cluster {cluster} would exceed {rb.max_value} "
+                f"(refcount_bits={self._hdr.refcount_bits})"
+            )
+        rb.set(i, value)
+        self._rb.dirty.add(ti)
+        return value
+
+    def _protected(self, c: int) -> bool:
+        """Clusters allocation never hands out, whatever the refcounts claim."""
+        if c == 0:
+            return True
+        cb, hdr = self._cb, self._hdr
+        l1 = hdr.l1_table_offset >> cb
+        if hdr.l1_size and l1 <= c < l1 + -(-(hdr.l1_size * 8) // self._cs):
+            return True
+        rt = hdr.refcount_table_offset >> cb
+        return rt <= c < rt + hdr.refcount_table_clusters
+
+    def _alloc(self) -> int:
+        """Allocate one cluster (refcount 0 -> 1); returns its cluster index."""
+        rbb, rbmask = self._rbb, self._rbmask
+        while True:
+            c = self._hint
+            ti = c >> rbb
+            rb = self._refblock(ti, True)
+            assert rb is not None
+            j = rb.find_zero(c & rbmask)
+            if j < 0:
+                self._hint = (ti + 1) << rbb
+                continue
+            c = (ti << rbb) | j
+            self._hint = c + 1
+            if self._protected(c):
+                continue
+            rb.set(j, 1)
+            self._rb.dirty.add(ti)
+            end = (c + 1) << self._cb
+            if end > self._file_end:
+                self._file_end = end
+            return c
+
+    def _alloc_contiguous(self, n: int) -> int:
+        """Allocate ``n`` physically contiguous clusters (for L1 tables)."""
+        saved = self._hint
+        self._hint = -(-self._file_end // self._cs)
+        got: list[int] = []
+        while len(got) < n:
+            c = self._alloc()
+            if got and c != got[-1] + 1:
+                # a refcount block landed in the middle: give the run back, start after it
+                for old in got:
+                    self._add_refcount(old, -1)
+                got = []
+            got.append(c)
+        self._hint = saved
+        return got[0]
+
+    def _new_refblock(self, ti: int) -> RefBlock:
+        """Create the refcount block for table index ``ti``, stored inside the range it covers."""
+        if ti >= len(self._reftable):
+            self._grow_reftable(ti + 1)
+            rb = self._rb.get(ti)
+            if rb is not None:
+                return rb
+            if self._reftable[ti]:
+                found = self._refblock(ti, False)
+                assert found is not None
+                return found
+        rb = RefBlock(self._hdr.refcount_order, bytes(self._cs))
+        first = ti << self._rbb
+        place = first
+        while self._protected(place):
+            place += 1
+        rb.set(place - first, 1)
+        self._rb_put(ti, rb)
+        self._rb.dirty.add(ti)
+        self._reftable[ti] = place << self._cb
+        self._reftable_dirty.add(ti)
+        self._file_end = max(self._file_end, (place + 1) << self._cb)
+        return rb
+
+    def _grow_reftable(self, min_entries: int) -> None:
+        """Move the refcount table to a larger one at the end of the file.
+
+        The new table and the refcount blocks that describe it are written and synced before
+        the header points to them; the old table is freed afterwards.
+        """
+        cs, cb, rbb = self._cs, self._cb, self._rbb
+        per_cluster = cs // 8
+        old_n = len(self._reftable)
+        entries = max(min_entries, old_n * 2)
+        start = -(-self._file_end // cs)
+        while True:
+            t = -(-entries // per_cluster)
+            b = 0
+            while True:
+                lo = start >> rbb
+                hi = (start + t + b - 1) >> rbb
+                missing = [
+                    i
+                    for i in range(lo, hi + 1)
+                    if not (i < old_n and self._reftable[i]) and i not in self._rb
+                ]
+                if len(missing) == b:
+                    break
+                b = len(missing)
+            if hi < entries:
+                break
+            entries = hi + 1
+        t = -(-entries // per_cluster)
+        if t * cs > H.MAX_REFTABLE_BYTES:
+            raise Error("refcount table would exceed its maximum size")
+        new_table = array("Q", self._reftable)
+        new_table.extend([0] * (t * per_cluster - old_n))
+        for k, i in enumerate(missing):
+            new_table[i] = (start + t + k) << cb
+        self._reftable = new_table
+        for i in missing:
+            rb = RefBlock(self._hdr.refcount_order, bytes(cs))
+            self._rb_put(i, rb)
+            self._rb.dirty.add(i)
+        for c in range(start, start + t + b):
+            self._add_refcount(c, 1)
+        self._file_end = max(self._file_end, (start + t + b) << cb)
+        # persist: blocks, then the table, then the header switch
+        self._persist_refcounts(force_sync=True, skip_table=True)
+        _pwrite_all(self._fd, encode_u64_table(new_table), start << cb)
+        os.fdatasync(self._fd)
+        old_off, old_clusters = self._hdr.refcount_table_offset, self._hdr.refcount_table_clusters
+        self._hdr.refcount_table_offset = start << cb
+        self._hdr.refcount_table_clusters = t
+        self._write_header_fixed()
+        os.fdatasync(self._fd)
+        self._reftable_dirty.clear()
+        for c in range(old_off >> cb, (old_off >> cb) + old_clusters):
+            self._add_refcount(c, -1)
+            self._hint = min(self._hint, c)
+
+    # ------------------------------------------------------------------ metadata write-back
+
+    def _persist_refcounts(self, *, force_sync: bool = False, skip_table: bool = False) -> None:
+        """Write dirty refcount blocks, then (after a sync) new refcount table entries."""
+        fd = self._fd
+        wrote = False
+        for ti in sorted(self._rb.dirty):
+            rb = self._rb.peek(ti)
+            if rb is not None:
+                _pwrite_all(fd, rb.to_bytes(), self._reftable[ti])
+                wrote = True
+        self._rb.dirty.clear()
+        if self._reftable_dirty and not skip_table:
+            if wrote:
+                os.fdatasync(fd)
+            base = self._hdr.refcount_table_offset
+            for ti in sorted(self._reftable_dirty):
+                _pwrite_all(fd, _U64.pack(self._reftable[ti]), base + 8 * ti)
+            self._reftable_dirty.clear()
+            wrote = True
+        if wrote or self._rc_unsynced or force_sync:
+            os.fdatasync(fd)
+            self._rc_unsynced = False
+
+    def _write_metadata(self) -> None:
+        """Write back metadata in crash-safe order; then apply deferred refcount drops.
+
+        1. refcount blocks (+ new refcount table entries), fdatasync   [skipped: lazy refcounts]
+        2. L2 tables, fdatasync
+        3. L1 entries, fdatasync
+        4. refcount decrements of clusters the tables no longer reference (in memory)
+        """
+        fd = self._fd
+        if not self._lazy and (self._rb.dirty or self._reftable_dirty or self._rc_unsynced):
+            self._persist_refcounts()
+        wrote = False
+        for off in sorted(self._l2.dirty):
+            table = self._l2.peek(off)
+            if table is not None:
+                _pwrite_all(fd, encode_u64_table(table), off)
+                wrote = True
+        self._l2.dirty.clear()
+        if self._l1_dirty:
+            if wrote:
+                os.fdatasync(fd)
+            base = self._hdr.l1_table_offset
+            for i in sorted(self._l1_dirty):
+                _pwrite_all(fd, _U64.pack(self._l1[i]), base + 8 * i)
+            self._l1_dirty.clear()
+            wrote = True
+        if wrote:
+            os.fdatasync(fd)
+            self._data_unsynced = False
+        if self._pending_free:
+            pending, self._pending_free = self._pending_free, []
+            for c in pending:
+                if self._get_refcount(c) == 0:
+                    continue  # a corrupt image: never underflow
+                if self._add_refcount(c, -1) == 0:
+                    if c < self._hint:
+                        self._hint = c
+                    if c == self._zc_host >> self._cb:
+                        self._zc_host = -1
+
+    # ------------------------------------------------------------------ header
+
+    def _write_header_fixed(self) -> None:
+        _pwrite_all(self._fd, self._hdr.pack_fixed(), 0)
+
+    def _set_incompat(self, value: int) -> None:
+        if not self._v3 or value == self._hdr.incompatible_features:
+            return
+        self._hdr.incompatible_features = value
+        _pwrite_all(self._fd, _U64.pack(value), 72)
+        os.fdatasync(self._fd)
+
+
+def _resolve_backing(image_path: str, name: str) -> str:
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def _open_backing(
+    image_path: str, hdr: H.Header, depth: int, seen: frozenset[str], lock: bool
+) -> BackingFile:
+    assert hdr.backing_file is not None
+    name = hdr.backing_file
+    if ":" in name.split("/", 1)[0] and not os.path.exists(_resolve_backing(image_path, name)):
+        raise InvalidChain(name, "protocol prefixes (json:, nbd:...) are not supported")
+    path = _resolve_backing(image_path, name)
+    if not os.path.exists(path):
+        raise InvalidChain(name, f"not found (looked at {path})")
+    fmt = hdr.backing_format or detect_image_type(path)
+    if fmt == "raw":
+        return RawBacking(path)
+    if fmt != "qcow2":
+        raise UnsupportedFeature(f"backing format {fmt!r}")
+    try:
+        return QcowFile.open(path, writable=False, lock=lock, _depth=depth + 1, _seen=seen)
+    except InvalidImage as err:
+        raise InvalidChain(name, str(err)) from err
+
+
+def _backing_size(image_path: str, backing_file: str, backing_format: str | None) -> int:
+    path = _resolve_backing(image_path, backing_file)
+    if not os.path.exists(path):
+        raise InvalidChain(backing_file, f"not found (looked at {path})")
+    fmt = backing_format or detect_image_type(path)
+    if fmt == "raw":
+        return os.stat(path).st_size
+    with QcowFile.open(path, writable=False, lock=False) as b:
+        return b.virtual_size
