@@ -7,19 +7,14 @@ import pytest
 
 from sys_util import number_of_online_cpus, online_cpus, parse_cpu_list, read_online_cpus
 from sys_util.errors import SysfsError
+from sys_util.testing import make_cpu_sysfs
 
 
 def _tree(root: Path, online: str | None, cpus: dict[int, str | None]) -> Path:
+    make_cpu_sysfs(root, online=online, cpus=cpus)
     cpu_dir = root / "devices" / "system" / "cpu"
-    cpu_dir.mkdir(parents=True)
     (cpu_dir / "cpufreq").mkdir()  # not a cpuN directory
     (cpu_dir / "possible").write_text("0-63\n")
-    if online is not None:
-        (cpu_dir / "online").write_text(online)
-    for n, state in cpus.items():
-        (cpu_dir / f"cpu{n}").mkdir()
-        if state is not None:
-            (cpu_dir / f"cpu{n}" / "online").write_text(state)
     return root
 
 

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from sys_util import InvalidArgument, MemoryMapping, Seals, SharedMemory, pagesize
+from sys_util import InvalidArgument, MemoryMapping, OwnedFd, Seals, SharedMemory, pagesize
 
 
 def test_pagesize() -> None:
@@ -44,8 +44,21 @@ def test_shared_memory_wrapping_closed_fd_ebadf() -> None:
     fd = os.memfd_create("y")
     os.close(fd)
     with pytest.raises(OSError) as info:
-        SharedMemory.from_fd(fd)  # fstat of the size fails first
+        SharedMemory.from_fd(fd)  # the kind check fails first
     assert info.value.errno == errno.EBADF
+    # Built around the closed number by hand: every method still reports EBADF.
+    shm = SharedMemory.__new__(SharedMemory)
+    OwnedFd.__init__(shm, fd)
+    for call in (
+        shm.get_seals,
+        lambda: shm.add_seals(Seals.SEAL),
+        shm.try_clone,
+        lambda: shm.set_size(1),
+    ):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+    shm.detach()
 
 
 def test_shared_memory_from_fd_checks_kind() -> None:
