@@ -1,6 +1,11 @@
 import pytest
 
-from arch.x86_64.cpuid import HIDDEN_FEATURES, filter_cpuid, hidden_mask
+from arch.x86_64.cpuid import (
+    HIDDEN_FEATURES,
+    filter_cpuid,
+    guest_cmdline_workarounds,
+    hidden_mask,
+)
 from kvm import CpuIdEntry
 
 ALL = 0xFFFF_FFFF
@@ -112,3 +117,11 @@ def test_topology_leaf_added_when_missing() -> None:
     supported = [e for e in _supported() if e.function != 0xB]
     out = filter_cpuid(supported, cpu_id=1, cpu_count=2)
     assert _get(out, 0xB, 1).ebx == 2
+
+
+def test_guest_cmdline_workarounds_match_the_mask() -> None:
+    params = guest_cmdline_workarounds()
+    assert params[0] == "noxsave"
+    names = params[1].removeprefix("clearcpuid=").split(",")
+    assert sorted(names) == sorted(f.name for f in HIDDEN_FEATURES if f.clearcpuid)
+    assert {"popcnt", "cx16", "avx", "avx2", "smap", "fsgsbase"} <= set(names)

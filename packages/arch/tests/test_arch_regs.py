@@ -1,5 +1,9 @@
+import struct
+
+import pytest
+
 from arch.x86_64.gdt import BOOT_CS, BOOT_DS, BOOT_TSS
-from arch.x86_64.regs import BOOT_MSRS, boot_fpu, boot_regs, boot_sregs, set_lint
+from arch.x86_64.regs import BOOT_MSRS, boot_fpu, boot_regs, boot_sregs, patch_xsave_fpu, set_lint
 from kvm import Lapic, Sregs
 
 
@@ -32,3 +36,16 @@ def test_fpu_msrs_lapic() -> None:
     set_lint(lapic)
     assert lapic.get_reg(Lapic.LVT_LINT0) == 0x1_0700
     assert lapic.get_reg(Lapic.LVT_LINT1) == 0x1_0400
+
+
+def test_patch_xsave_sets_fcw_mxcsr_and_header_bits() -> None:
+    area = bytearray(4096)
+    area[100] = 0xAB  # other state preserved
+    struct.pack_into("<Q", area, 512, 0x4)  # AVX bit already present
+    out = patch_xsave_fpu(bytes(area))
+    assert struct.unpack_from("<H", out, 0)[0] == 0x37F
+    assert struct.unpack_from("<I", out, 24)[0] == 0x1F80
+    assert struct.unpack_from("<Q", out, 512)[0] == 0x7
+    assert out[100] == 0xAB and len(out) == 4096
+    with pytest.raises(ValueError):
+        patch_xsave_fpu(bytes(100))

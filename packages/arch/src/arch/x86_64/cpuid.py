@@ -15,6 +15,12 @@ We start from ``KVM_GET_SUPPORTED_CPUID`` (never the host's raw CPUID: that is h
   flush, spinlock kick, async-PF delivery. The kvmclock bits stay on: kvmclock is MSR-based.
 * zero leaf 0xD (XSAVE state enumeration), since XSAVE is hidden.
 
+Caveat, measured on the nested kvm_pvm hosts: there the feature bits of the basic leaves 1 and 7
+that a guest's ``cpuid`` returns are the host's, whatever we set (``KVM_GET_CPUID2`` even reports
+them back); the identity fields (APIC ID, counts) and the hypervisor leaves 0x4000000x do follow
+our table. A Linux guest there still needs the parameters :func:`guest_cmdline_workarounds`
+returns (``noxsave clearcpuid=...``). On ordinary KVM hosts the table alone is enough.
+
 :func:`filter_cpuid` is a pure function over :class:`kvm.CpuIdEntry` lists, so the mask is
 tested without ``/dev/kvm``.
 """
@@ -32,6 +38,7 @@ __all__ = [
     "KVM_CPUID_SIGNATURE",
     "HiddenFeature",
     "filter_cpuid",
+    "guest_cmdline_workarounds",
     "hidden_mask",
 ]
 
@@ -62,9 +69,21 @@ class HiddenFeature:
     name: str
     reason: str
 
+    @property
+    def clearcpuid(self) -> bool:
+        """Also cleared through the guest command line (see :func:`guest_cmdline_workarounds`)."""
+        return self.name in _CLEARCPUID_NAMES
+
 
 def _f(leaf: int, sub: int, reg: str, bit: int, name: str, reason: str) -> HiddenFeature:
     return HiddenFeature(leaf, sub, reg, bit, name, reason)
+
+
+# The Linux flag names proven on these hosts (tiny-kernel RESULTS.md), in its order.
+_CLEARCPUID_NAMES = (
+    "popcnt", "erms", "fsrm", "fsgsbase", "smap", "rdrand", "rdseed", "pcid", "invpcid",
+    "rdpid", "pku", "cx16", "avx", "avx2",
+)  # fmt: skip
 
 
 #: Every bit :func:`filter_cpuid` clears, with the reason (see the module docstring).
@@ -225,3 +244,13 @@ def filter_cpuid(
     if max_basic >= 0xB and 0xB not in topology_done:
         out.extend(_topology_entries(0xB, cpu_id, cpu_count))
     return out
+
+
+def guest_cmdline_workarounds() -> list[str]:
+    """Kernel parameters that hide the same features from inside a Linux guest.
+
+    For hosts whose CPUID masking does not reach the guest (see the module docstring):
+    ``["noxsave", "clearcpuid=popcnt,erms,..."]``. ``clearcpuid`` is parsed in
+    ``early_cpu_init()``, so these must be on the real command line, not in CONFIG_CMDLINE.
+    """
+    return ["noxsave", "clearcpuid=" + ",".join(_CLEARCPUID_NAMES)]

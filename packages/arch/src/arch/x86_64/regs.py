@@ -13,6 +13,7 @@ which resets them to real mode anyway.
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 from arch.x86_64.gdt import BOOT_GDT_BYTES, SegmentDescriptor, gdt_segments
 from arch.x86_64.layout import (
@@ -37,6 +38,7 @@ __all__ = [
     "boot_regs",
     "boot_sregs",
     "configure_vcpu",
+    "patch_xsave_fpu",
     "set_lint",
 ]
 
@@ -73,6 +75,13 @@ BOOT_MSRS: dict[int, int] = {
     MSR_IA32_TSC: 0,
     MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING,
 }
+
+FPU_FCW = 0x37F
+FPU_MXCSR = 0x1F80
+_FXSAVE_FCW = 0
+_FXSAVE_MXCSR = 24
+_XSAVE_HEADER = 512
+_XFEATURE_FP_SSE = 0x3
 
 #: LAPIC LVT delivery modes (bits 8-10).
 APIC_MODE_NMI = 0x4
@@ -135,7 +144,24 @@ def boot_sregs(current: Sregs) -> Sregs:
 
 def boot_fpu() -> Fpu:
     """FCW 0x37F (x87 reset value), MXCSR 0x1F80 (all SSE exceptions masked)."""
-    return Fpu(fcw=0x37F, mxcsr=0x1F80)
+    return Fpu(fcw=FPU_FCW, mxcsr=FPU_MXCSR)
+
+
+def patch_xsave_fpu(xsave: bytes) -> bytes:
+    """``xsave`` (KVM_GET_XSAVE layout) with FCW 0x37F and MXCSR 0x1F80 in its legacy area.
+
+    Why not only KVM_SET_FPU: Linux's KVM_SET_FPU ignores ``mxcsr`` (it copies every other
+    field), so the MXCSR has to go in through KVM_SET_XSAVE. The x87 and SSE bits of the header's
+    XSTATE_BV are set so the values are loaded rather than the init state.
+    """
+    if len(xsave) < _XSAVE_HEADER + 8:
+        raise ValueError(f"xsave area of {len(xsave)} bytes is too short")
+    area = bytearray(xsave)
+    struct.pack_into("<H", area, _FXSAVE_FCW, FPU_FCW)
+    struct.pack_into("<I", area, _FXSAVE_MXCSR, FPU_MXCSR)
+    xstate_bv = struct.unpack_from("<Q", area, _XSAVE_HEADER)[0]
+    struct.pack_into("<Q", area, _XSAVE_HEADER, xstate_bv | _XFEATURE_FP_SSE)
+    return bytes(area)
 
 
 def set_lint(lapic: Lapic) -> Lapic:
@@ -152,4 +178,5 @@ def configure_vcpu(vcpu: Vcpu, entry: int, zero_page: int = ZERO_PAGE_ADDR) -> N
     vcpu.set_sregs(boot_sregs(vcpu.get_sregs()))
     vcpu.set_regs(boot_regs(entry, zero_page))
     vcpu.set_fpu(boot_fpu())
+    vcpu.set_xsave(patch_xsave_fpu(vcpu.get_xsave()))
     vcpu.set_lapic(set_lint(vcpu.get_lapic()))
