@@ -297,3 +297,32 @@ def test_discard_frees_blocks(rw: Harness, image: Path) -> None:
         pytest.skip("this filesystem does not punch holes")
     assert after < before
     assert image.read_bytes()[: 1024 * 512] == bytes(1024 * 512)
+
+
+@pytest.mark.qemu
+def test_qcow2_image_through_block(tmp_path: Path) -> None:
+    """A qemu-img-made qcow2 image is detected, served, and what we wrote qemu-img reads back."""
+    import shutil
+    import subprocess
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("needs qemu-img")
+    pytest.importorskip("qcow")
+    path = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
+    h = Harness(Block.open(path))
+    try:
+        payload = os.urandom(8192)
+        assert h.request(VIRTIO_BLK_T_OUT, 16, payload)[0] == VIRTIO_BLK_S_OK
+        status, data, _ = h.request(VIRTIO_BLK_T_IN, 16, read_len=8192)
+        assert status == VIRTIO_BLK_S_OK and data == payload
+        assert h.request(VIRTIO_BLK_T_FLUSH)[0] == VIRTIO_BLK_S_OK
+        with pytest.raises(DiskImageLocked):
+            Block.open(path)
+    finally:
+        h.close()
+    raw = tmp_path / "out.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(raw)], check=True)
+    content = raw.read_bytes()
+    assert sha(content[16 * 512 : 16 * 512 + 8192]) == sha(payload)
+    assert content[: 16 * 512] == bytes(16 * 512)

@@ -40,7 +40,7 @@ from devices.virtio._constants import (
     IsrBits,
 )
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice, VirtioDevice
-from devices.virtio._disk import DiskBackend, RawDisk
+from devices.virtio._disk import DiskBackend, RawDisk, open_disk
 from devices.virtio._errors import (
     ChainTooShort,
     DiskImageLocked,
@@ -93,5 +93,6 @@ __all__ = [
     "VirtioError",
     "VirtioPciDevice",
     "Writer",
+    "open_disk",
     "vring_need_event",
 ]

@@ -16,7 +16,9 @@ from typing import Protocol, runtime_checkable
 import sys_util
 from devices.virtio._errors import DiskImageLocked
 
-__all__ = ["DiskBackend", "RawDisk"]
+__all__ = ["QCOW2_MAGIC", "DiskBackend", "RawDisk", "open_disk"]
+
+QCOW2_MAGIC = b"QFI\xfb"
 
 
 @runtime_checkable
@@ -211,6 +213,29 @@ class RawDisk:
         if new_size < 0:
             raise ValueError("negative disk size")
         os.ftruncate(self.fileno(), new_size)
+
+
+def open_disk(
+    path: str | os.PathLike[str], *, read_only: bool = False, direct: bool = False
+) -> DiskBackend:
+    """Open a disk image as the right backend: qcow2 (by its magic) or raw.
+
+    Both lock the image (shared for read-only, exclusive for writable); a conflict raises
+    :class:`~devices.virtio.DiskImageLocked`. ``direct`` applies to raw images only.
+    """
+    spath = os.fspath(path)
+    with open(spath, "rb") as f:
+        magic = f.read(4)
+    if magic != QCOW2_MAGIC:
+        return RawDisk(spath, read_only=read_only, direct=direct)
+    from qcow import QcowFile  # deferred: raw-only users never pay for the qcow import
+
+    try:
+        return QcowFile.open(spath, writable=not read_only)
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise DiskImageLocked(spath, exclusive=not read_only) from err
+        raise
 
 
 def _advance(iovecs: Sequence[memoryview], skip: int) -> list[memoryview]:

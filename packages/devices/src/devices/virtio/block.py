@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from devices.virtio._constants import DeviceType
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
-from devices.virtio._disk import DiskBackend, RawDisk
+from devices.virtio._disk import DiskBackend, RawDisk, open_disk
 from devices.virtio._errors import ChainTooShort
 from devices.virtio._queue import DescriptorChain, Queue
 from devices.virtio._reader_writer import Reader, Writer
@@ -41,6 +41,7 @@ __all__ = [
     "Block",
     "DiskBackend",
     "RawDisk",
+    "open_disk",
 ]
 
 SECTOR_SHIFT = 9
@@ -113,7 +114,8 @@ class Block(ThreadedVirtioDevice):
         direct: bool = False,
         serial: str | None = None,
     ) -> Block:
-        return cls(RawDisk(path, read_only=read_only, direct=direct), serial=serial)
+        """Open (and lock) a raw or qcow2 image; see :func:`open_disk`."""
+        return cls(open_disk(path, read_only=read_only, direct=direct), serial=serial)
 
     def _make_id(self, serial: str | None) -> bytes:
         if serial is not None:
