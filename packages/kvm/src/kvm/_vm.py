@@ -378,11 +378,11 @@ class Vm:
         """
         c = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_IRQCHIP, c, "KVM_GET_IRQCHIP")
-        return bytes(ffi.buffer(c.chip))
+        return bytes(ffi.buffer(c.chip.dummy))
 
     def set_irqchip(self, chip_id: int, state: bytes) -> None:
         c = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        size = ffi.sizeof(c.chip)
+        size = ffi.sizeof(c.chip.dummy)
         if len(state) != size:
             raise ValueError(f"irqchip state must be {size} bytes, got {len(state)}")
         ffi.memmove(c.chip.dummy, bytes(state), size)
