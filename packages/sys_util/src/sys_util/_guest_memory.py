@@ -59,6 +59,12 @@ class GuestMemory:
     Args:
         regions: ``(guest_base, size)`` pairs; page aligned, non-empty, non-overlapping.
         name: the memfd name (visible in /proc/PID/maps and fd listings).
+        memfd: adopt this sealed memfd instead of creating one (see :meth:`from_shared_memory`).
+
+    Addresses may be plain ints or :class:`GuestAddress`. Every access raises
+    :class:`~sys_util.errors.GuestMemoryError` unless it lies entirely in guest RAM; ``view``,
+    the scalar and the struct accessors further require a single region, while ``read``,
+    ``write`` and ``iovecs`` may span regions that are adjacent in guest address space.
     """
 
     __slots__ = (

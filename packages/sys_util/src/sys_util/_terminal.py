@@ -68,7 +68,9 @@ class RawTerminal:
         self._fd = raw_fd(fd)
         self._saved: Attrs | None = None
         self._previous: dict[int, Any] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: restore() may run from a signal handler that interrupted restore() itself
+        # in the main thread (a plain Lock would deadlock there; a double restore is harmless).
+        self._lock = threading.RLock()
 
     @property
     def active(self) -> bool:
