@@ -285,3 +285,13 @@ def test_vsock_echo(host_profile: HostProfile) -> None:
         res = vm.wait(host_profile.scale(30)).check()
     assert got == message
     assert res.find("vsock_rx")["vsock_rx"] == str(len(message))
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+def test_smp_all_vcpus_report(host_profile: HostProfile, cpus: int) -> None:
+    res = _run(GuestConfig("smp", {"cpus": cpus}, cpus=cpus), host_profile)
+    assert res.find("cpus_online")["cpus_online"] == str(cpus)
+    rows = res.find_all("cpu")
+    assert sorted(int(r["cpu"]) for r in rows) == list(range(cpus))
+    assert len({r["apic_id"] for r in rows}) == cpus
+    assert all(r["cpl"] == "3" for r in rows)

@@ -63,7 +63,7 @@ common64:
     movl %eax, %gs
     movq $pml4, %rax
     movq %rax, %cr3
-    movq $kstack_top, %rsp
+    movq $(kstacks + (1 << KSTACK_SHIFT)), %rsp
     pushq $SEL_KCODE
     leaq 1f(%rip), %rax
     pushq %rax
@@ -74,16 +74,8 @@ common64:
     orq $0x10000, %rax
     movq %rax, %cr0
 
-    /* TSS descriptor: base split over the descriptor fields. */
-    movq $tss, %rax
-    movw %ax, gdt_tss+2(%rip)
-    shrq $16, %rax
-    movb %al, gdt_tss+4(%rip)
-    movb %ah, gdt_tss+7(%rip)
-    shrq $16, %rax
-    movl %eax, gdt_tss+8(%rip)
-    movw $SEL_TSS, %ax
-    ltr %ax
+    xorl %edi, %edi
+    call load_tss
 
     /* IDT: 256 interrupt gates; stub i is at isr_stubs + 16*i. */
     leaq idt(%rip), %rdi
@@ -111,14 +103,122 @@ common64:
     cmpl $256, %ecx
     jne 2b
     lidt idt_desc(%rip)
+    xorl %edi, %edi
 
     /* To CPL3 with IOPL=3 (port I/O where the host honours it) and interrupts enabled. */
     pushq $SEL_UDATA
-    pushq $ustack_top
+    pushq $(ustacks + (1 << USTACK_SHIFT))
     pushq $0x3202                   /* IOPL=3, IF=1 (sources stay masked until used) */
     pushq $SEL_UCODE
     pushq $user_entry
     iretq
+
+/*
+ * load_tss(rdi = cpu): point TSS descriptor `cpu` at tss + cpu*TSS_SIZE, set that TSS's rsp0
+ * to the top of the cpu's kernel stack, and `ltr` it.
+ */
+load_tss:
+    imulq $TSS_SIZE, %rdi, %rax
+    addq $tss, %rax
+    movq %rdi, %rcx
+    incq %rcx
+    shlq $KSTACK_SHIFT, %rcx
+    addq $kstacks, %rcx
+    movq %rcx, 4(%rax)              /* rsp0 */
+    movq %rdi, %rcx
+    shlq $4, %rcx
+    addq $gdt_tss, %rcx
+    movw %ax, 2(%rcx)
+    shrq $16, %rax
+    movb %al, 4(%rcx)
+    movb %ah, 7(%rcx)
+    shrq $16, %rax
+    movl %eax, 8(%rcx)
+    movq %rdi, %rax
+    shlq $4, %rax
+    addq $SEL_TSS, %rax
+    ltr %ax
+    ret
+
+/*
+ * Application processors. The BSP copies ap_tramp..ap_tramp_end to AP_TRAMP (below 1 MiB)
+ * and sends INIT + SIPI(AP_TRAMP >> 12). Each AP goes real -> protected -> long mode (emulated,
+ * ~40 instructions), takes an index, loads its own TSS and stacks, and drops to CPL3 in
+ * ap_main(index).
+ */
+    .code16
+    .globl ap_tramp, ap_tramp_end
+ap_tramp:
+    cli
+    cld
+    xorw %ax, %ax
+    movw %ax, %ds
+    lgdtl AP_TRAMP + (ap_gdt_desc - ap_tramp)
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl $SEL_KCODE32, $ap_start32
+    .p2align 2
+ap_gdt_desc:
+    .word gdt_end - gdt - 1
+    .long gdt
+ap_tramp_end:
+
+    .code32
+ap_start32:
+    movl $SEL_KDATA, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl %cr4, %eax
+    orl $0x20, %eax
+    movl %eax, %cr4
+    movl $0xC0000080, %ecx
+    rdmsr
+    orl $0x100, %eax
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000001, %eax
+    movl %eax, %cr0
+    ljmp $SEL_KCODE, $ap64
+
+    .code64
+ap64:
+    lgdt gdt_desc(%rip)
+    movl $SEL_KDATA, %eax
+    movl %eax, %ds
+    movl %eax, %es
+    movl %eax, %ss
+    movl %eax, %fs
+    movl %eax, %gs
+    movl $1, %eax
+    lock xaddl %eax, ap_next(%rip)
+    cmpl $MAX_CPUS, %eax
+    jae 9f
+    movl %eax, %edi
+    movq %rdi, %rsp
+    incq %rsp
+    shlq $KSTACK_SHIFT, %rsp
+    addq $kstacks, %rsp
+    pushq %rdi
+    call load_tss
+    popq %rdi
+    lidt idt_desc(%rip)
+    movq %rdi, %rax
+    incq %rax
+    shlq $USTACK_SHIFT, %rax
+    addq $ustacks, %rax
+    pushq $SEL_UDATA
+    pushq %rax
+    pushq $0x3202
+    pushq $SEL_UCODE
+    pushq $ap_user_entry
+    iretq
+9:  cli
+    hlt
+    jmp 9b
 
 /*
  * Interrupt and exception stubs, 16 bytes each. Vectors with a CPU error code skip the dummy push.
@@ -290,12 +390,16 @@ io_probe_insn:
     xorl $1, %eax
     ret
 
-/* CPL3 entry: an aligned call into C. */
+/* CPL3 entries: an aligned call into C (rdi = cpu index for APs). */
     .globl user_entry
 user_entry:
     call user_main
 9:  pause
     jmp 9b
+ap_user_entry:
+    call ap_main
+10: pause
+    jmp 10b
 
 /* ---------------------------------------------------------------------------------------- */
 
@@ -342,9 +446,12 @@ gdt:
     .quad 0x00CF92000000FFFF        /* 0x10 kernel data */
     .quad 0x00CFF2000000FFFF        /* 0x18 user data (DPL3) */
     .quad 0x00AFFA000000FFFF        /* 0x20 user code, 64-bit (DPL3) */
-gdt_tss:
-    .quad 0x0000890000000067        /* 0x28 TSS (base filled at boot) */
+    .quad 0x00CF9A000000FFFF        /* 0x28 kernel code, 32-bit (AP start-up) */
+gdt_tss:                            /* 0x30 + 16*cpu: one TSS per CPU (base filled at boot) */
+    .rept MAX_CPUS
+    .quad 0x0000890000000067
     .quad 0
+    .endr
 gdt_end:
     .p2align 3
     .word 0
@@ -359,16 +466,16 @@ idt_desc:
 
     .p2align 4
     .globl tss
-tss:
-    .long 0
-    .quad kstack_top                /* rsp0: the CPL0 stack for interrupts taken at CPL3 */
-    .fill 0x68 - 12, 1, 0
+tss:                                /* MAX_CPUS TSSes; rsp0 (offset 4) set by load_tss */
+    .fill TSS_SIZE * MAX_CPUS, 1, 0
 
     .globl boot_info, boot_kind
     .p2align 3
 boot_info:  .quad 0
 boot_kind:  .long 0
 io_probe_faulted: .long 0
+    .globl ap_next
+ap_next:    .long 1
 
     .section .idt, "aw", @nobits      /* outside __bss_start..__bss_end: CPL3 clears .bss */
     .p2align 12
@@ -384,9 +491,7 @@ irq_isr_bits:   .fill 256, 8, 0
 
     .section .stacks, "aw", @nobits
     .p2align 12
-    .fill 16384, 1, 0
-    .globl kstack_top
-kstack_top:
-    .fill 262144, 1, 0
-    .globl ustack_top
-ustack_top:
+kstacks:                            /* cpu i: [kstacks + i*16K, kstacks + (i+1)*16K) */
+    .fill MAX_CPUS << KSTACK_SHIFT, 1, 0
+ustacks:                            /* cpu i: 256 KiB each */
+    .fill MAX_CPUS << USTACK_SHIFT, 1, 0

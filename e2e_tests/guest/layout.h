@@ -6,7 +6,14 @@
 #define SEL_KDATA 0x10
 #define SEL_UDATA (0x18 | 3)
 #define SEL_UCODE (0x20 | 3)
-#define SEL_TSS 0x28
+#define SEL_KCODE32 0x28
+#define SEL_TSS 0x30 /* + 16 * cpu */
+
+#define MAX_CPUS 8
+#define TSS_SIZE 0x68
+#define KSTACK_SHIFT 14 /* 16 KiB CPL0 stack per CPU */
+#define USTACK_SHIFT 18 /* 256 KiB CPL3 stack per CPU */
+#define AP_TRAMP 0x8000 /* real-mode start-up code for the APs (SIPI vector 0x08) */
 
 #define BOOT_LINUX64 1
 #define BOOT_PVH 2

@@ -129,6 +129,7 @@ static const struct scenario scenarios[] = {
     {"vsock-echo", sc_vsock_echo},
     {"hostile", sc_hostile},
     {"irq", sc_irq},
+    {"smp", sc_smp},
 };
 
 int io_native;

@@ -23,5 +23,6 @@ void sc_balloon(void);
 void sc_vsock_echo(void);
 void sc_hostile(void);
 void sc_irq(void);
+void sc_smp(void);
 
 #endif
