@@ -131,3 +131,34 @@ def test_fallocate_errors() -> None:
     with pytest.raises(OSError) as info:
         punch_hole(fd, 0, 4096)
     assert info.value.errno == errno.EBADF
+
+
+def test_write_zeroes_falls_back_to_writing(
+    datafile: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys_util._falloc as falloc
+
+    modes: list[int] = []
+
+    def unsupported(fd: int, mode: int, offset: int, length: int) -> None:
+        modes.append(mode)
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(falloc, "fallocate", unsupported)
+    fd = datafile.fileno()  # type: ignore[attr-defined]
+    write_zeroes(fd, 10, 200_000)  # runs past EOF: clamped, the size does not change
+    assert len(modes) == 2  # zero range, then punch hole, then plain writes
+    assert os.fstat(fd).st_size == 65536
+    assert os.pread(fd, 65536, 0) == b"\xab" * 10 + b"\0" * (65536 - 10)
+
+
+def test_write_zeroes_other_errors_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys_util._falloc as falloc
+
+    def failing(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(falloc, "fallocate", failing)
+    with pytest.raises(OSError) as info:
+        write_zeroes(0, 0, 10)
+    assert info.value.errno == errno.EIO
