@@ -156,6 +156,14 @@ class ThreadedVirtioDevice(VirtioDevice):
             self._worker.start()
 
     def _run(self, kill: EventFd, queue_evts: list[EventFd]) -> None:
+        try:
+            self._serve(kill, queue_evts)
+        except Exception:  # e.g. an fd closed underneath us: log it, never kill the VMM
+            logger.exception("%s: worker thread stopped", self.debug_label())
+        finally:
+            self._poll = None
+
+    def _serve(self, kill: EventFd, queue_evts: list[EventFd]) -> None:
         interrupt = self.interrupt
         assert interrupt is not None
         handlers: dict[int, Callable[[], None]] = {}
@@ -180,7 +188,6 @@ class ThreadedVirtioDevice(VirtioDevice):
                 events = poll.wait()
                 for token, _ in events:
                     if token == -1:
-                        self._poll = None
                         return
                     found = handlers.get(token)
                     if found is not None:

@@ -320,9 +320,10 @@ class VirtioPciDevice:
             self.config.write_reg(reg_idx, offset, data)
             if reg_idx == self._msix_cap_reg and self._msix is not None and offset + len(data) > 2:
                 self._msix.write_message_control(self.config.read_reg(reg_idx) >> 16)
-            if 4 <= reg_idx <= 5 and self._bar is not None:
+            if reg_idx in (1, 4, 5) and self._bar is not None and self.config.memory_enabled:
+                # Sizing happens with decode off; with decode on the BAR must be where we put it.
                 current = self.config.bar_address(0)
-                if current not in (self._bar.address, (~(BAR0_SIZE - 1)) & 0xFFFF_FFFF_FFFF_FFF0):
+                if current != self._bar.address:
                     self.log.warn("guest moved BAR0 to %#x; relocation is not supported", current)
 
     # -- BAR0 MMIO (BusDevice) -------------------------------------------------------------

@@ -209,11 +209,10 @@ class Block(ThreadedVirtioDevice):
         interrupt = self.interrupt
         assert interrupt is not None
         while True:
-            served = 0
+            before = queue.next_used
             while (chain := queue.pop()) is not None:
                 queue.add_used(chain.head, self.handle_request(chain))
-                served += 1
-            if served or queue.invalid_chains:
+            if queue.next_used != before:  # served something (or completed a bad chain)
                 queue.trigger_interrupt(interrupt)
             if not queue.enable_notification():
                 return

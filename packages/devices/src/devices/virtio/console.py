@@ -94,7 +94,7 @@ class Console(ThreadedVirtioDevice):
         interrupt = self.interrupt
         assert interrupt is not None
         while True:
-            served = 0
+            before = queue.next_used
             while (chain := queue.pop()) is not None:
                 reader = chain.reader()
                 n = reader.available_bytes()
@@ -105,8 +105,7 @@ class Console(ThreadedVirtioDevice):
                     except OSError as err:
                         self.log.warn("console output failed: %s", err)
                 queue.add_used(chain.head, 0)
-                served += 1
-            if served or queue.invalid_chains:
+            if queue.next_used != before:  # served something (or completed a bad chain)
                 queue.trigger_interrupt(interrupt)
             if not queue.enable_notification():
                 return

@@ -34,15 +34,14 @@ class Rng(ThreadedVirtioDevice):
         interrupt = self.interrupt
         assert interrupt is not None
         while True:
-            served = 0
+            before = queue.next_used
             while (chain := queue.pop()) is not None:
                 writer = chain.writer()
                 n = min(writer.available_bytes(), MAX_REQUEST_BYTES)
                 if n:
                     writer.write(os.getrandom(n))
                 queue.add_used(chain.head, n)
-                served += 1
-            if served or queue.invalid_chains:
+            if queue.next_used != before:  # served something (or completed a bad chain)
                 queue.trigger_interrupt(interrupt)
             if not queue.enable_notification():
                 return
