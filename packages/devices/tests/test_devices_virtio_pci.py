@@ -420,3 +420,17 @@ def test_connect_intx_registers_resampling_irqfd(mem: GuestMemory, image: Path) 
     dev.close()
     assert router.calls[-1] == ("unregister_irqfd", 10)
     assert dev.closed
+
+
+def test_device_bugs_do_not_reach_the_vcpu_thread(mem: GuestMemory, image: Path) -> None:
+    class Broken(Rng):
+        def read_config(self, offset: int, length: int) -> bytes:
+            raise RuntimeError("bug")
+
+        def write_config(self, offset: int, data: bytes) -> None:
+            raise RuntimeError("bug")
+
+    with VirtioPciDevice(Broken(), mem) as dev:
+        assert dev.read(0x2000, 4) == b"\x00" * 4
+        dev.write(0x2000, b"\x01")
+        assert dev.log.count == 2

@@ -331,7 +331,11 @@ class VirtioPciDevice:
     def read(self, offset: int, size: int) -> bytes:
         if size <= 0:
             return b""
-        data = self._read(offset, size)
+        try:
+            data = self._read(offset, size)
+        except Exception as err:  # a vCPU thread must never see a device bug as an exception
+            self.log.warn("BAR0 read at %#x failed: %r", offset, err)
+            data = b""
         if len(data) != size:  # never trust a device config of the wrong length
             data = (data + b"\x00" * size)[:size]
         return data
@@ -354,6 +358,12 @@ class VirtioPciDevice:
         return b"\x00" * size
 
     def write(self, offset: int, data: bytes) -> None:
+        try:
+            self._write(offset, data)
+        except Exception as err:  # a vCPU thread must never see a device bug as an exception
+            self.log.warn("BAR0 write at %#x failed: %r", offset, err)
+
+    def _write(self, offset: int, data: bytes) -> None:
         with self._lock:
             if COMMON_CFG_OFFSET <= offset < COMMON_CFG_OFFSET + COMMON_CFG_SIZE:
                 self._write_common(offset - COMMON_CFG_OFFSET, bytes(data))
