@@ -160,3 +160,40 @@ def test_config_errors_are_one_line_and_leak_nothing() -> None:
             build_vm(config)
         assert "\n" not in str(info.value)
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+@pytest.mark.kvm
+def test_pci_device_placement() -> None:
+    import struct
+
+    from devices.virtio import VirtioPciDevice
+    from devices.virtio.rng import Rng
+
+    config = VmConfig(
+        memory_size=64 * MIB,
+        kernel=serial_hello_guest(),
+        vcpu_count=2,
+        pci_devices=[lambda ctx: VirtioPciDevice(Rng(), ctx.memory, msix_router=ctx.irq_router)],
+    )
+    with build_vm(config) as rvm:
+        [(address, device)] = rvm.pci_devices
+        assert (address.bus, address.device) == (0, 1)
+
+        def config_read(dev: int, reg: int) -> int:
+            rvm.io_bus.write(0xCF8, struct.pack("<I", 0x8000_0000 | dev << 11 | reg << 2))
+            return int(struct.unpack("<I", rvm.io_bus.read(0xCFC, 4))[0])
+
+        assert config_read(1, 0) == 0x1044_1AF4  # virtio-rng, modern
+        assert config_read(0, 0) & 0xFFFF == 0x8086  # host bridge
+        assert config_read(1, 15) & 0xFFFF == 0x0110  # INTA#, line 16
+        bar = config_read(1, 4) & ~0xF
+        assert bar == 0xE000_0000
+        found = rvm.mmio_bus.get_device(bar)
+        assert found is not None and found[0] is device
+        assert rvm.mmio_allocator.find(bar) is not None
+        assert rvm.pci_irqs[0].gsi == 16
+        mpc = rvm.memory.read(0x9_FC00, 0x400)
+        assert bytes([0x3, 0x0]) + struct.pack("<HBBBB", 0xF, 0, 1 << 2, 3, 16) in mpc
+        gsi = rvm.irq_router.allocate_gsi()  # MSI-X routes coexist with the legacy table
+        rvm.irq_router.set_msi_route(gsi, 0xFEE0_0000, 0x30)
+    assert device.closed

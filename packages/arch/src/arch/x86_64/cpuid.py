@@ -15,11 +15,13 @@ We start from ``KVM_GET_SUPPORTED_CPUID`` (never the host's raw CPUID: that is h
   flush, spinlock kick, async-PF delivery. The kvmclock bits stay on: kvmclock is MSR-based.
 * zero leaf 0xD (XSAVE state enumeration), since XSAVE is hidden.
 
-Caveat, measured on the nested kvm_pvm hosts: there the feature bits of the basic leaves 1 and 7
-that a guest's ``cpuid`` returns are the host's, whatever we set (``KVM_GET_CPUID2`` even reports
-them back); the identity fields (APIC ID, counts) and the hypervisor leaves 0x4000000x do follow
-our table. A Linux guest there still needs the parameters :func:`guest_cmdline_workarounds`
-returns (``noxsave clearcpuid=...``). On ordinary KVM hosts the table alone is enough.
+Caveat, measured on the nested kvm_pvm hosts: there the feature bits of leaves 1 and 7 that a
+guest's ``cpuid`` returns are the host's, whatever we set (``KVM_GET_CPUID2`` even reports them
+back), and guest *user* mode (which runs natively) sees the host's CPUID entirely. What kernel
+mode sees of the identity fields (APIC ID, counts) and of the hypervisor leaves 0x4000000x does
+follow our table -- so the PV-feature mask, which is what SMP Linux needs, is effective. A Linux
+guest there still needs :func:`guest_cmdline_workarounds` (``noxsave clearcpuid=...``) for
+the basic-leaf features. On ordinary KVM hosts the table alone is enough.
 
 :func:`filter_cpuid` is a pure function over :class:`kvm.CpuIdEntry` lists, so the mask is
 tested without ``/dev/kvm``.
