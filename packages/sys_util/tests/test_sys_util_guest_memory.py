@@ -382,3 +382,11 @@ def test_from_shared_memory_refuses_unsealed_or_wrong_size() -> None:
         with pytest.raises(InvalidArgument, match="holds"):
             GuestMemory.from_shared_memory(shm, [(0, 2 * MB)])
         assert not shm.closed
+
+
+def test_keep_fds_names_the_memfd_and_the_mmap_duplicate(mem: GuestMemory) -> None:
+    fds = mem.keep_fds()
+    assert mem.memfd.fileno() in fds
+    assert len(fds) == 2  # CPython 3.11 mmap holds a dup of the fd it maps
+    for fd in fds:
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:crosvm_guest")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import struct
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -189,6 +190,25 @@ class GuestMemory:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def keep_fds(self) -> list[int]:
+        """Every fd of this process that refers to the guest RAM file.
+
+        That is the memfd and the private duplicate CPython 3.11's ``mmap`` keeps (and closes in
+        ``close()``). A jail that closes all other fds must keep these, or a later ``close()``
+        could close an unrelated file that reused the number.
+        """
+        st = os.fstat(self._memfd.fileno())
+        fds = []
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                other = os.fstat(fd)
+            except OSError:
+                continue  # the fd of the listing itself, closed by now
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                fds.append(fd)
+        return sorted(fds)
 
     def end_addr(self) -> GuestAddress:
         """The first guest address after the highest region."""
