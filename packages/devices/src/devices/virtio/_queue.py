@@ -373,8 +373,8 @@ class Queue:
         if self._avail is None:
             return False
         new = self.next_used
+        self.full_fence()  # our used idx store must be visible before we read the driver's state
         if self.event_idx:
-            self.full_fence()
             old = self._signalled_used
             self._signalled_used = new
             if old is None:
