@@ -326,3 +326,33 @@ def test_qcow2_image_through_block(tmp_path: Path) -> None:
     content = raw.read_bytes()
     assert sha(content[16 * 512 : 16 * 512 + 8192]) == sha(payload)
     assert content[: 16 * 512] == bytes(16 * 512)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_raw_disk_after_close_raises_ebadf(image: Path, direct: bool) -> None:
+    import errno
+
+    try:
+        disk = RawDisk(image, direct=direct)
+    except OSError as err:
+        pytest.skip(f"O_DIRECT unsupported here: {err}")
+    with disk:
+        assert disk.fileno() >= 0 and not disk.closed
+    disk.close()
+    assert disk.closed
+    buf = memoryview(bytearray(512))
+    calls = [
+        disk.fileno,
+        disk.size,
+        disk.flush,
+        lambda: disk.read_into([buf], 0),
+        lambda: disk.write_from([buf], 0),
+        lambda: disk.discard(0, 512),
+        lambda: disk.write_zeroes(0, 512),
+        lambda: disk.resize(4096),
+    ]
+    for call in calls:
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EBADF
+    assert image.stat().st_size == IMAGE_SIZE

@@ -13,7 +13,7 @@ import abc
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from devices.virtio._constants import Features
 from devices.virtio._log import RateLimitedLog
@@ -95,6 +95,12 @@ class VirtioDevice(abc.ABC):
     def close(self) -> None:
         """Release every resource (idempotent)."""
         self.reset()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ThreadedVirtioDevice(VirtioDevice):

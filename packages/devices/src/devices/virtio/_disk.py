@@ -102,6 +102,11 @@ class RawDisk:
     def closed(self) -> bool:
         return self._fd < 0
 
+    def _plain_fd(self) -> int:
+        """The fd for operations O_DIRECT cannot do (fallocate, zero writes)."""
+        fd = self.fileno()
+        return self._buffered_fd if self._direct else fd
+
     def _close_fds(self) -> None:
         for fd in (self._fd, self._buffered_fd):
             if fd >= 0:
@@ -187,7 +192,7 @@ class RawDisk:
             raise OSError(errno.EROFS, "disk is read-only")
         if length <= 0:
             return
-        fd = self._buffered_fd if self._direct else self.fileno()
+        fd = self._plain_fd()
         try:
             sys_util.punch_hole(fd, offset, length)
         except OSError as err:
@@ -204,7 +209,7 @@ class RawDisk:
         if unmap:
             self.discard(offset, length)
             return
-        fd = self._buffered_fd if self._direct else self.fileno()
+        fd = self._plain_fd()
         sys_util.write_zeroes(fd, offset, length)
 
     def resize(self, new_size: int) -> None:
