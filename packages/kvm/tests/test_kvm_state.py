@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 
 import kvm
 import kvm_sys
-from kvm.testing import Machine
+from kvm.testing import Machine, setup_real_mode
 
 pytestmark = pytest.mark.kvm
 
@@ -181,3 +182,27 @@ def test_rss_of_import_and_one_vcpu_vm() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True)
     assert int(out.stdout) < 15 << 20
+
+
+def test_single_step_gives_debug_exits(vmm: Machine) -> None:
+    vmm.ram.write(0x1000, bytes.fromhex("9090e610f4"))  # nop; nop; out %al,$0x10; hlt
+    with vmm.vm.create_vcpu(0) as vcpu:
+        setup_real_mode(vcpu, 0x1000)
+        vcpu.set_guest_debug(kvm_sys.KVM_GUESTDBG_ENABLE | kvm_sys.KVM_GUESTDBG_SINGLESTEP)
+        exits = [vcpu.run() for _ in range(3)]
+        assert [type(e) for e in exits] == [kvm.Debug, kvm.Debug, kvm.IoOut], exits
+        first, second = exits[0], exits[1]
+        assert isinstance(first, kvm.Debug) and isinstance(second, kvm.Debug)
+        assert (first.exception, first.pc, second.pc) == (1, 0x1001, 0x1002)  # #DB after each
+        vcpu.set_guest_debug(0)
+        assert vcpu.run() == kvm.Hlt()
+
+
+def test_signal_mask(vmm: Machine) -> None:
+    with vmm.vm.create_vcpu(0) as vcpu:
+        vcpu.set_signal_mask([signal.SIGUSR1, signal.SIGUSR2])
+        vcpu.set_signal_mask([])
+        vcpu.set_signal_mask(None)
+        with pytest.raises(ValueError):
+            vcpu.set_signal_mask([0])
+        assert kvm.kick_signal() == signal.SIGRTMIN
