@@ -142,8 +142,8 @@ def _walk_l1(
             res._note(f"L1 entry {l1i} has reserved bits set")
         if not cnt.add(off, cnt.cs, "L2 table"):
             continue
-        if off in seen_l2:
-            continue
+        # Refcounts count L1-to-cluster paths: an L2 table shared by two L1 tables (a
+        # snapshot and the active image) contributes its clusters twice.
         seen_l2.add(off)
         table = decode_u64_table(cnt.read(off, cnt.cs))
         for l2i, entry in enumerate(table):

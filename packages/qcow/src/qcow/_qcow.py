@@ -250,6 +250,7 @@ class QcowFile:
             with self._lock:
                 if self._writable:
                     self._write_metadata()
+                    self._persist_refcounts()  # the deferred decrements
                     if self._lazy and self._modified:
                         self._persist_refcounts(force_sync=True)
                         self._set_incompat(self._hdr.incompatible_features & ~H.INCOMPAT_DIRTY)
@@ -369,7 +370,11 @@ class QcowFile:
             l1i = cl >> l2b
             l2i = cl & l2mask
             in_off = guest & cmask
-            table = self._load_l2(l1i) if l1i < len(self._l1) else None
+            table = (
+                self._load_l2(l1i)
+                if l1i < len(self._l1) and self._l1[l1i] & OFFSET_MASK
+                else None
+            )
             # the bytes of this request covered by this L2 table
             span_end = min(n, pos + ((l2n - l2i) << cb) - in_off)
             if table is None:
@@ -381,7 +386,7 @@ class QcowFile:
                 e = table[l2i]
                 host = e & OFFSET_MASK
                 if host and not e & (ZERO | COMPRESSED):
-                    self._check_host(host, e, guest)
+                    self._check_host(host, e, offset + pos)
                     # extend over physically contiguous clusters
                     end = pos + chunk
                     nxt = host + cs
@@ -408,7 +413,7 @@ class QcowFile:
                     zero_fill(mv[pos : pos + chunk])
                 elif host:
                     # v2 image with bit 0 set: reserved, ignore it
-                    self._check_host(host, e, guest)
+                    self._check_host(host, e, offset + pos)
                     got = os.preadv(fd, [mv[pos : pos + chunk]], host + in_off)
                     if got < chunk:
                         self._short_read(mv[pos : pos + chunk], got, host + in_off)
@@ -419,7 +424,7 @@ class QcowFile:
                     while end < span_end and not table[j]:
                         end = min(span_end, end + cs)
                         j += 1
-                    self._read_unallocated(mv[pos:end], guest)
+                    self._read_unallocated(mv[pos:end], offset + pos)
                     l2i = j
                     pos = end
                     in_off = 0
@@ -637,7 +642,7 @@ class QcowFile:
                     continue
                 # partial cluster: copy-on-write of whatever the cluster reads as now
                 base = bytearray(cs)
-                self._cluster_content(memoryview(base), e, guest - in_off)
+                self._cluster_content(memoryview(base), e, offset + pos - in_off)
                 base[in_off : in_off + chunk] = mv[pos : pos + chunk]
                 h = self._alloc()
                 self._pwritev(memoryview(base), h << cb)
@@ -824,6 +829,8 @@ class QcowFile:
             if not self._writable:
                 return
             self._write_metadata()
+            if not self._lazy:
+                self._persist_refcounts()  # the deferred decrements: no leaks after a flush
             if self._data_unsynced:
                 os.fdatasync(self._fd)
                 self._data_unsynced = False
@@ -866,6 +873,8 @@ class QcowFile:
 
     def _load_l2(self, l1i: int) -> array[int]:
         off = self._l1[l1i] & OFFSET_MASK
+        if not off:
+            raise AssertionError("_load_l2 called for an unallocated L2 table")
         table = self._l2.get(off)
         if table is not None:
             return table
@@ -896,19 +905,19 @@ class QcowFile:
         if not off:
             table = array("Q", bytes(self._cs))
         else:
-            # Shared with a snapshot: copy it, and each cluster it maps gains a reference.
+            # Shared with a snapshot. Refcounts count L1-to-cluster paths, so the clusters it
+            # maps keep their counts (our path now goes through the copy); only the old table
+            # loses a reference. COPIED is recomputed for the copy.
             old = self._load_l2(l1i)
             table = array("Q", old)
             for i, entry in enumerate(table):
-                if not entry:
+                host = entry & OFFSET_MASK
+                if not host or entry & COMPRESSED:
                     continue
-                if entry & COMPRESSED:
-                    host, length = self._compressed_range(entry)
-                    for c in range(host >> self._cb, (host + length - 1 >> self._cb) + 1):
-                        self._add_refcount(c, 1)
-                elif entry & OFFSET_MASK:
-                    self._add_refcount((entry & OFFSET_MASK) >> self._cb, 1)
-                table[i] = entry & ~COPIED
+                if self._get_refcount(host >> self._cb) == 1:
+                    table[i] = entry | COPIED
+                else:
+                    table[i] = entry & ~COPIED
             self._pending_free.append(off >> self._cb)
         self._l2_put(new_off, table)
         self._l2.dirty.add(new_off)
