@@ -123,7 +123,7 @@ def test_compressed_clusters(
     raw = tmp_path / "src.raw"
     content = bytearray(max(6 << 20, 6 * cluster_size))
     for _ in range(40):
-        off = rng.randrange(0, len(content) - 70000)  # noqa: S311
+        off = rng.randrange(0, len(content) - 70000)
         content[off : off + 60000] = bytes([rng.randrange(256)]) * 30000 + rng.randbytes(30000)
     raw.write_bytes(content)
     comp = tmp_path / "c.qcow2"

@@ -371,9 +371,7 @@ class QcowFile:
             l2i = cl & l2mask
             in_off = guest & cmask
             table = (
-                self._load_l2(l1i)
-                if l1i < len(self._l1) and self._l1[l1i] & OFFSET_MASK
-                else None
+                self._load_l2(l1i) if l1i < len(self._l1) and self._l1[l1i] & OFFSET_MASK else None
             )
             # the bytes of this request covered by this L2 table
             span_end = min(n, pos + ((l2n - l2i) << cb) - in_off)
