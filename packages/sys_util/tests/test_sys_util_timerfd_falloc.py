@@ -42,6 +42,13 @@ def test_timer_in_poll_context_and_interval() -> None:
         assert t.remaining() == 0.0
 
 
+def test_timer_try_clone_shares_the_timer() -> None:
+    with TimerFd() as t, t.try_clone() as clone:
+        t.reset(100)
+        assert clone.is_armed()
+        assert fcntl.fcntl(clone.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+
+
 def test_timer_remaining_and_bad_args() -> None:
     with TimerFd() as t:
         t.reset(100)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import select
-from typing import Self
 
 from sys_util._fd import OwnedFd, check_anon_inode
 
@@ -52,7 +51,3 @@ class EventFd(OwnedFd):
             return os.eventfd_read(self.fileno())
         except BlockingIOError:  # another reader won the race
             return None
-
-    def try_clone(self) -> Self:
-        """Return a new EventFd on a dup of this fd (same counter, independently closable)."""
-        return type(self).from_fd(os.dup(self.fileno()))

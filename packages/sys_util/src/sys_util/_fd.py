@@ -91,6 +91,15 @@ class OwnedFd:
     def _init_from_fd(self) -> None:
         """Hook for subclasses that keep more state than the fd."""
 
+    def try_clone(self) -> Self:
+        """Return a new object of the same type on a dup of this fd (close-on-exec)."""
+        dup = os.dup(self.fileno())
+        try:
+            return type(self).from_fd(dup)
+        except BaseException:
+            os.close(dup)
+            raise
+
     def fileno(self) -> int:
         """Return the fd; raise ``OSError(EBADF)`` once closed."""
         if self._fd < 0:

@@ -76,6 +76,6 @@ class SharedMemory(OwnedFd):
 
     def try_clone(self) -> Self:
         """Return a new SharedMemory on a dup of this fd."""
-        clone = type(self).from_fd(os.dup(self.fileno()))
+        clone = super().try_clone()
         clone._name = self._name
         return clone
