@@ -172,13 +172,21 @@ _REGS = ("eax", "ebx", "ecx", "edx")
 _INDEXED_LEAVES = frozenset({4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14, 0x17, 0x18, 0x1D, 0x1F})
 
 
+def _build_masks() -> dict[tuple[int, int], dict[str, int]]:
+    masks: dict[tuple[int, int], dict[str, int]] = {}
+    for feature in HIDDEN_FEATURES:
+        mask = masks.setdefault((feature.leaf, feature.subleaf), dict.fromkeys(_REGS, 0))
+        mask[feature.register] |= 1 << feature.bit
+    return masks
+
+
+_MASKS = _build_masks()
+_NO_MASK = dict.fromkeys(_REGS, 0)
+
+
 def hidden_mask(leaf: int, subleaf: int) -> dict[str, int]:
     """The bits hidden in ``(leaf, subleaf)`` per register (0 where nothing is hidden)."""
-    mask = dict.fromkeys(_REGS, 0)
-    for feature in HIDDEN_FEATURES:
-        if feature.leaf == leaf and feature.subleaf == subleaf:
-            mask[feature.register] |= 1 << feature.bit
-    return mask
+    return dict(_MASKS.get((leaf, subleaf), _NO_MASK))
 
 
 def _bits_for(count: int) -> int:
@@ -224,10 +232,10 @@ def filter_cpuid(
             entry.eax = entry.ebx = entry.ecx = entry.edx = 0
             out.append(entry)
             continue
-        mask = hidden_mask(leaf, subleaf)
-        for reg in _REGS:
-            if mask[reg]:
-                setattr(entry, reg, getattr(entry, reg) & ~mask[reg])
+        mask = _MASKS.get((leaf, subleaf))
+        if mask is not None:
+            for reg, bits in mask.items():
+                setattr(entry, reg, getattr(entry, reg) & ~bits)
         if leaf == 1:
             entry.ebx = (cpu_id << 24) | _CLFLUSH_LINE_8_QWORDS
             entry.ecx |= _HYPERVISOR_BIT

@@ -15,6 +15,7 @@ protocol's "identity mapped" requirement -- and the MMIO hole for early device a
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -135,8 +136,8 @@ def gdt_segments() -> dict[str, SegmentDescriptor]:
     }
 
 
-def page_tables() -> list[tuple[int, bytes]]:
-    """``(address, bytes)`` chunks of the identity map of the first 4 GiB (2 MiB pages)."""
+@functools.cache
+def _page_tables() -> tuple[tuple[int, bytes], ...]:
     pml4 = struct.pack("<Q", PDPTE_ADDR | _PTE_PRESENT_RW) + bytes(4096 - 8)
     pdpt = b"".join(
         struct.pack("<Q", (PDE_ADDR + i * 0x1000) | _PTE_PRESENT_RW)
@@ -146,4 +147,9 @@ def page_tables() -> list[tuple[int, bytes]]:
         f"<{512 * IDENTITY_MAPPED_GIB}Q",
         *((i << 21) | _PDE_2M_PAGE for i in range(512 * IDENTITY_MAPPED_GIB)),
     )
-    return [(PML4_ADDR, pml4), (PDPTE_ADDR, pdpt), (PDE_ADDR, pds)]
+    return ((PML4_ADDR, pml4), (PDPTE_ADDR, pdpt), (PDE_ADDR, pds))
+
+
+def page_tables() -> list[tuple[int, bytes]]:
+    """``(address, bytes)`` chunks of the identity map of the first 4 GiB (2 MiB pages)."""
+    return list(_page_tables())
