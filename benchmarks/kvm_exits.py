@@ -91,6 +91,16 @@ class PyLoop:
                 raise RuntimeError(f"unexpected exit code {code:#x}")
         return (time.perf_counter_ns() - start) / exits
 
+    def uncached(self, exits: int) -> float:
+        """ns per exit when every exit object is built anew (what interning saves)."""
+        run, decode = self.vcpu.run_code, self.vcpu._decode
+        start = time.perf_counter_ns()
+        for _ in range(exits):
+            exit_ = decode(run())
+            if type(exit_) is not kvm.IoOut:
+                raise RuntimeError(f"unexpected exit {exit_}")
+        return (time.perf_counter_ns() - start) / exits
+
     def close(self) -> None:
         self.vcpu.close()
         self.vm.close()
@@ -129,14 +139,15 @@ def bench_guest(exe: Path, guest: str, exits: int, rounds: int) -> float:
         py.typed(exits // 10)  # warm-up: fills the exit cache, faults in the code paths
         py.raw(exits // 10)
         c_round(exe, guest, exits // 10)
-        cs, typed, raw = [], [], []
+        cs, typed, raw, fresh = [], [], [], []
         for _ in range(rounds):
             cs.append(c_round(exe, guest, exits))
             typed.append(py.typed(exits))
             raw.append(py.raw(exits))
+            fresh.append(py.uncached(exits))
     finally:
         py.close()
-    c_med, t_med, r_med = (statistics.median(x) for x in (cs, typed, raw))
+    c_med, t_med, r_med, f_med = (statistics.median(x) for x in (cs, typed, raw, fresh))
     print(f"[{guest}] C floor        : {c_med:8.0f} ns/exit (min {min(cs):.0f})")
     print(
         f"[{guest}] Vcpu.run()+match: {t_med:8.0f} ns/exit (min {min(typed):.0f})"
@@ -145,6 +156,10 @@ def bench_guest(exe: Path, guest: str, exits: int, rounds: int) -> float:
     print(
         f"[{guest}] Vcpu.run_code() : {r_med:8.0f} ns/exit (min {min(raw):.0f})"
         f"  ratio {r_med / c_med:.3f}"
+    )
+    print(
+        f"[{guest}] uncached exits  : {f_med:8.0f} ns/exit (min {min(fresh):.0f})"
+        f"  ratio {f_med / c_med:.3f}  (new IoOut per exit, for comparison)"
     )
     print(f"[{guest}] exits/s: C {1e9 / c_med:,.0f}  Python {1e9 / t_med:,.0f}")
     return t_med / c_med
