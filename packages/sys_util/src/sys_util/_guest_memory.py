@@ -21,7 +21,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from sys_util._address import GuestAddress
 from sys_util._mmap import BytesLike, MemoryMapping, pagesize
@@ -236,7 +236,7 @@ class GuestMemory:
 
     # -- translation ----------------------------------------------------------------------------
 
-    def _fail(self, addr: int, length: int) -> Any:
+    def _fail(self, addr: int, length: int) -> NoReturn:
         if self._closed:
             raise OSError(errno.EBADF, "GuestMemory is closed")
         if isinstance(addr, int) and isinstance(length, int) and length < 0:
@@ -253,7 +253,7 @@ class GuestMemory:
         i = bisect_right(self._bases, addr) - 1
         if i >= 0 and length >= 0 and addr + length <= self._ends[i]:
             return addr + self._deltas[i]
-        return self._fail(addr, length)  # type: ignore[no-any-return]
+        self._fail(addr, length)
 
     def _segments(self, addr: int, length: int) -> list[tuple[int, int]]:
         """``(mapping offset, length)`` pieces of a range that may span adjacent regions."""
