@@ -219,7 +219,7 @@ class QcowFile:
                 raise CorruptImage(
                     f"L1 entry {i} has reserved bits set", hdr.l1_table_offset + 8 * i
                 )
-            if off and (off < cs or off + cs > self._file_end):
+            if off < cs or off & self._cmask or off + cs > self._file_end:
                 raise CorruptImage(f"L1 entry {i} points outside the image", off)
         raw = os.pread(fd, hdr.refcount_table_clusters * cs, hdr.refcount_table_offset)
         self._reftable = decode_u64_table(raw)
@@ -416,6 +416,10 @@ class QcowFile:
                     if got < chunk:
                         self._short_read(mv[pos : pos + chunk], got, host + in_off)
                 else:
+                    if e:  # COPIED (or reserved bits) without an offset
+                        raise CorruptImage(
+                            f"L2 entry for guest offset {offset + pos:#x} is invalid", e
+                        )
                     # unallocated: extend over following unallocated entries
                     end = pos + chunk
                     j = l2i + 1
@@ -455,7 +459,9 @@ class QcowFile:
 
     def _check_host(self, host: int, entry: int, guest: int) -> None:
         """Reject an L2 entry that points into the header or past the end of the file."""
-        if host < self._cs or host >= self._file_end or entry & L2_RESERVED:
+        if host < self._cs or host >= self._file_end or entry & L2_RESERVED or host & self._cmask:
+            if host & self._cmask:
+                raise CorruptImage(f"L2 entry for guest offset {guest:#x} is misaligned", host)
             # the file may have grown behind our back (another process cannot: we hold a lock)
             self._file_end = max(self._file_end, os.fstat(self._fd).st_size)
             if host < self._cs or host >= self._file_end:
@@ -563,6 +569,8 @@ class QcowFile:
                     raise CorruptImage("compressed cluster points outside the image", host)
                 continue
             host = e & OFFSET_MASK
+            if not host and e & ~ZERO:
+                raise CorruptImage(f"L2 entry for guest offset {cl << cb:#x} is invalid", e)
             if host:
                 self._check_host(host, e, cl << cb)
                 if e & COPIED and self._get_refcount(host >> cb) == 0:
