@@ -30,17 +30,14 @@ def test_open_missing_device() -> None:
 
 
 def test_bad_slot_and_overlap(vmm: Machine) -> None:
-    vm, ram = vmm.vm, vmm.ram
+    vm, host = vmm.vm, vmm.ram.regions[0].host_address
     assert (
-        _errno_of(lambda: vm.set_user_memory_region(0x7FFF, 0x100000, 0x1000, ram.host_address))
-        == errno.EINVAL
+        _errno_of(lambda: vm.set_user_memory_region(0x7FFF, 0x100000, 0x1000, host)) == errno.EINVAL
     )
     # Overlaps slot 0 (guest 0..64 KiB).
-    assert _errno_of(lambda: vm.add_memory_region(0x8000, 0x1000, ram.host_address)) == errno.EEXIST
+    assert _errno_of(lambda: vm.add_memory_region(0x8000, 0x1000, host)) == errno.EEXIST
     # Not page aligned.
-    assert (
-        _errno_of(lambda: vm.add_memory_region(0x100800, 0x1000, ram.host_address)) == errno.EINVAL
-    )
+    assert _errno_of(lambda: vm.add_memory_region(0x100800, 0x1000, host)) == errno.EINVAL
     assert _errno_of(lambda: vm.remove_memory_region(7)) == errno.ENOENT
     assert _errno_of(lambda: vm.get_dirty_log(7)) == errno.ENOENT
     # Slot 0 exists but was not added with log_dirty.
@@ -49,12 +46,12 @@ def test_bad_slot_and_overlap(vmm: Machine) -> None:
 
 
 def test_add_remove_memory_region(vmm: Machine) -> None:
-    vm, ram = vmm.vm, vmm.ram
-    slot = vm.add_memory_region(0x100000, 0x1000, ram.host_address, read_only=True)
+    vm, host = vmm.vm, vmm.ram.regions[0].host_address
+    slot = vm.add_memory_region(0x100000, 0x1000, host, read_only=True)
     assert slot != vmm.slot
     info = vm.remove_memory_region(slot)
     assert (info.guest_addr, info.size, info.flags) == (0x100000, 0x1000, kvm_sys.KVM_MEM_READONLY)
-    assert vm.add_memory_region(0x100000, 0x1000, ram.host_address) == slot  # reused
+    assert vm.add_memory_region(0x100000, 0x1000, host) == slot  # reused
 
 
 def test_bad_fds(vmm_irqchip: Machine) -> None:

@@ -1,10 +1,10 @@
 """Helpers for tests, benchmarks and examples that run tiny guests (no pytest import).
 
-``GuestRam`` is a minimal anonymous mapping with its host address, for code that does not want
-``sys_util.GuestMemory``'s memfd; ``setup_real_mode`` / ``setup_long_mode`` put a vCPU in a known
-state. The long-mode layout (GDT at 0x500, page tables at 0x9000-0xbfff identity-mapping the
-first GiB with 2 MiB pages, user-accessible) is fixed and documented here so tests can place
-code and data around it.
+``machine()`` gives a VM whose RAM is a ``sys_util.GuestMemory`` (the VMM's own memory type);
+``GuestRam`` is a minimal anonymous mapping with its host address, for code that wants no memfd.
+``setup_real_mode`` / ``setup_long_mode`` put a vCPU in a known state. The long-mode layout
+(GDT at 0x500, page tables at 0x9000-0xbfff identity-mapping the first GiB with 2 MiB pages,
+user-accessible) is fixed and documented here so tests can place code and data around it.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from kvm._kvm import Kvm
 from kvm._state import DTable, Segment
 from kvm._vcpu import Vcpu
 from kvm._vm import Vm
 from kvm_sys import ffi
+from sys_util import GuestMemory
 
 T = TypeVar("T")
 
@@ -120,6 +121,12 @@ class GuestRam:
         self.close()
 
 
+class _Writable(Protocol):
+    def write(self, addr: int, data: bytes, /) -> None: ...
+
+    def write_u64(self, addr: int, value: int, /) -> None: ...
+
+
 def setup_real_mode(vcpu: Vcpu, ip: int, *, cs: int = 0) -> None:
     """Real mode at ``cs:ip`` with all data segments at 0 (KVM's reset state otherwise)."""
     sregs = vcpu.get_sregs()
@@ -137,7 +144,7 @@ def setup_real_mode(vcpu: Vcpu, ip: int, *, cs: int = 0) -> None:
 
 
 def setup_long_mode(
-    vcpu: Vcpu, ram: GuestRam, entry: int, *, user: bool = False, stack: int = 0x8000
+    vcpu: Vcpu, ram: _Writable, entry: int, *, user: bool = False, stack: int = 0x8000
 ) -> None:
     """64-bit mode with paging at ``entry``: CPL 0, or CPL 3 (IOPL 3, so ``in``/``out`` work)
     with ``user=True``. Writes the GDT and page tables into ``ram``."""
@@ -186,17 +193,18 @@ class Machine:
 
     kvm: Kvm
     vm: Vm
-    ram: GuestRam
+    ram: GuestMemory
     slot: int
 
 
 @contextlib.contextmanager
 def machine(size: int, *, irqchip: bool = False, log_dirty: bool = False) -> Iterator[Machine]:
-    """A fresh VM with ``size`` bytes of RAM at 0 (and the in-kernel irqchip if asked)."""
-    with GuestRam(size) as ram, Kvm() as k, k.create_vm() as vm:
+    """A fresh VM with ``size`` bytes of ``GuestMemory`` at 0 (and the in-kernel irqchip)."""
+    with GuestMemory([(0, size)]) as ram, Kvm() as k, k.create_vm() as vm:
         if irqchip:
             vm.create_irqchip()
-        slot = vm.add_memory_region(0, size, ram.host_address, log_dirty=log_dirty)
+        host = ram.regions[0].host_address
+        slot = vm.add_memory_region(0, size, host, log_dirty=log_dirty)
         yield Machine(k, vm, ram, slot)
 
 
