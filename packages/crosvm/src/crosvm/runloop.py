@@ -225,9 +225,9 @@ class MainLoop:
             for i, evt in enumerate(self.exit_events):
                 poll.add(evt, 1000 + i)
             handlers = {}
-            for i, (fd, handler) in enumerate(self.sources):
+            for i, (fd, source_handler) in enumerate(self.sources):
                 poll.add(fd, i)
-                handlers[i] = handler
+                handlers[i] = source_handler
             halted_twice = 0
             while self.state.outcome is None:
                 events = poll.wait(self.halt_probe_interval)
@@ -249,8 +249,8 @@ class MainLoop:
                     elif token >= 0:
                         handlers[token]()
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for sig, previous_handler in previous.items():
+                signal.signal(sig, previous_handler)
             poll.close()
             signal_evt.close()
         assert self.state.outcome is not None

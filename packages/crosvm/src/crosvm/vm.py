@@ -1,0 +1,194 @@
+"""``crosvm run``: turn a :class:`~crosvm.config.Config` into a running VM and wait for its end.
+
+Steps: serial ports and virtio devices are described from the config; ``arch.x86_64.build_vm``
+creates the VM (memory, irqchip, kernel, boot state, buses); the vCPU threads and the main loop
+of :mod:`crosvm.runloop` run it; the control socket, when asked for, is one more source of the
+main loop. Whatever happens, the terminal is restored and every fd is closed on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import arch
+from arch.x86_64 import RunnableVm, VmConfig, VmContext, build_vm
+from crosvm import control
+from crosvm.config import Config
+from crosvm.errors import ConfigError, VmError
+from crosvm.runloop import MainLoop, RunState, StopReason, join_vcpu_threads, start_vcpu_threads
+from devices.errors import SerialConfigError
+from devices.serial import (
+    ComPort,
+    SerialHardware,
+    SerialParameters,
+    SerialType,
+    create_com_ports,
+    merge_serial_parameters,
+)
+from devices.virtio import Block, Console, Rng, VirtioError, VirtioPciDevice
+from sys_util import RawTerminal
+
+log = logging.getLogger("crosvm")
+
+#: crosvm's base command line, plus reboot=k so a guest reboot is an i8042 reset (a VM exit).
+BASE_CMDLINE = "reboot=k panic=-1"
+
+PciFactory = Callable[[VmContext], VirtioPciDevice]
+
+
+def _serial_parameters(config: Config) -> list[SerialParameters]:
+    try:
+        params = [SerialParameters.parse(text) for text in config.serial]
+        merge_serial_parameters(params)  # validates the combination
+    except SerialConfigError as err:
+        raise ConfigError(f"crosvm run: --serial: {err}") from None
+    return params
+
+
+def _kernel_cmdline(config: Config, serial: list[SerialParameters]) -> str:
+    parts = [BASE_CMDLINE]
+    for p in merge_serial_parameters(serial).values():
+        if p.console:
+            tty = "hvc0" if p.hardware is SerialHardware.VIRTIO_CONSOLE else f"ttyS{p.num - 1}"
+            parts.append(f"console={tty}")
+    root = config.root_disk_index
+    if root is not None:
+        mode = "ro" if config.disks[root].read_only else "rw"
+        parts.append(f"root=/dev/vd{chr(ord('a') + root)} {mode}")
+    parts.extend(config.params)
+    return " ".join(parts)
+
+
+def _virtio_console(params: SerialParameters, stack: contextlib.ExitStack) -> Console:
+    output: int | None = None
+    if params.type is SerialType.STDOUT:
+        output = sys.stdout.fileno()
+    elif params.type is SerialType.FILE:
+        assert params.path is not None
+        output = os.open(params.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        stack.callback(os.close, output)
+    return Console(sys.stdin.fileno() if params.stdin else None, output)
+
+
+def _pci_devices(
+    config: Config, serial: list[SerialParameters], stack: contextlib.ExitStack
+) -> list[PciFactory]:
+    """Open every backing file now (a bad disk fails before KVM is touched), in PCI slot order."""
+    devices: list[object] = []
+    for p in merge_serial_parameters(serial).values():
+        if p.hardware is SerialHardware.VIRTIO_CONSOLE:
+            devices.append(_virtio_console(p, stack))
+    for disk in config.disks:
+        try:
+            devices.append(Block.open(disk.path, read_only=disk.read_only))
+        except (VirtioError, OSError) as err:
+            raise VmError(f"disk {disk.path}: {err}") from None
+    if config.rng:
+        devices.append(Rng())
+    factories: list[PciFactory] = []
+    for device in devices:
+        stack.callback(device.close)  # type: ignore[attr-defined]
+
+        def factory(ctx: VmContext, device: object = device) -> VirtioPciDevice:
+            return VirtioPciDevice(device, ctx.memory, msix_router=ctx.irq_router)  # type: ignore[arg-type]
+
+        factories.append(factory)
+    return factories
+
+
+class _Controller:
+    """Answers control-socket requests for one running VM."""
+
+    def __init__(self, state: RunState, vm: RunnableVm) -> None:
+        self.state = state
+        self.vm = vm
+
+    def handle(self, request: control.VmRequest) -> control.VmResponse:
+        if isinstance(request, control.Exit):
+            self.state.stop(StopReason.REQUESTED, "control socket")
+        elif isinstance(request, control.Suspend):
+            self.state.set_suspended(True)
+        elif isinstance(request, control.Resume):
+            self.state.set_suspended(False)
+        elif isinstance(request, control.DiskCommand):
+            return self._disk(request)
+        else:  # the balloon is not part of this VM
+            return control.Err(errno.ENODEV)
+        return control.Ok()
+
+    def _disk(self, request: control.DiskCommand) -> control.VmResponse:
+        blocks = [
+            d._device
+            for _, d in self.vm.pci_devices
+            if isinstance(d, VirtioPciDevice) and isinstance(d._device, Block)
+        ]
+        if request.disk_index >= len(blocks):
+            return control.Err(errno.ENODEV)
+        if not isinstance(request.command, control.Resize):
+            return control.Err(errno.EINVAL)
+        try:
+            blocks[request.disk_index].resize(request.command.new_size)
+        except (OSError, VirtioError, ValueError) as err:
+            log.warning("disk %d resize failed: %s", request.disk_index, err)
+            return control.Err(getattr(err, "errno", None) or errno.EINVAL)
+        return control.Ok()
+
+
+def run_config(config: Config) -> int:
+    """Build and run the VM; return the exit status for ``crosvm run``."""
+    if config.sandbox:
+        log.info("the device sandbox is not available in this version: devices run in-process")
+    serial = _serial_parameters(config)
+    cmdline = _kernel_cmdline(config, serial)
+    with contextlib.ExitStack() as stack:
+        try:
+            com_ports: list[ComPort] = create_com_ports(serial)
+        except OSError as err:
+            raise ConfigError(f"crosvm run: --serial: {err.strerror}: {err.filename}") from None
+        for port in com_ports:
+            stack.callback(port.close)
+        pci = _pci_devices(config, serial, stack)
+        vm_config = VmConfig(
+            memory_size=config.mem_mib << 20,
+            kernel=config.kernel,
+            vcpu_count=config.cpus,
+            initrd=config.initrd,
+            cmdline=cmdline,
+            com_ports=com_ports,
+            pci_devices=pci,
+        )
+        try:
+            vm = stack.enter_context(build_vm(vm_config))
+        except (arch.KernelLoadError, arch.InitrdLoadError, arch.CmdlineError) as err:
+            raise ConfigError(f"crosvm run: {err}") from None
+        except arch.Error as err:
+            raise VmError(str(err)) from None
+        state = RunState(vm.vcpus)
+        stack.callback(state.stopped_evt.close)
+        sources: list[tuple[int, Callable[[], None]]] = []
+        if config.socket_path is not None:
+            server = control.ControlServer(config.socket_path, _Controller(state, vm))
+            stack.callback(server.close)
+            sources.append((server.fileno(), server.on_readable))
+        if any(port.stdin_fd is not None for port in com_ports) and os.isatty(0):
+            stack.enter_context(RawTerminal(0))
+        for port in com_ports:
+            port.start()
+        threads = start_vcpu_threads(vm.vcpus, vm.io_bus, vm.mmio_bus, state)
+        try:
+            outcome = MainLoop(state, [vm.exit_evt], sources).run()
+        finally:
+            state.stop(StopReason.REQUESTED)  # no-op when already stopping
+            join_vcpu_threads(threads, state)
+    detail = f" ({outcome.detail})" if outcome.detail else ""
+    if outcome.reason.ok:
+        if outcome.reason is StopReason.SIGNAL:
+            print(f"crosvm: terminating on signal{detail}", file=sys.stderr)
+        return 0
+    print(f"crosvm: {outcome.reason.value}{detail}", file=sys.stderr)
+    return 1
