@@ -219,3 +219,15 @@ def test_closed_vcpu_raises_ebadf() -> None:
                 "set_tsc_khz": lambda: vcpu.set_tsc_khz(1000000),
             }
         )
+
+
+def test_from_fd_adopts_and_rejects() -> None:
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    with kvm.Kvm.from_fd(fd) as k:
+        assert k.fileno() == fd
+        assert k.api_version() == 12
+    assert _errno_of(lambda: os.fstat(fd)) == errno.EBADF  # closed with the Kvm
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    with pytest.raises(OSError):
+        kvm.Kvm.from_fd(null)  # not /dev/kvm: ENOTTY
+    assert _errno_of(lambda: os.fstat(null)) == errno.EBADF  # owned, so closed, not leaked

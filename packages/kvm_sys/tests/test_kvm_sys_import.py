@@ -32,3 +32,14 @@ def test_stale_module_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kvm_sys, "__version__", "9.9.9")
     with pytest.raises(ImportError, match="rebuild"):
         kvm_sys._check_version()
+
+
+@pytest.mark.kvm
+def test_readme_example_runs() -> None:
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    block = re.search(r"```python\n(.*?)```", readme.read_text(), re.S)
+    assert block is not None
+    exec(compile(block.group(1), str(readme), "exec"), {})

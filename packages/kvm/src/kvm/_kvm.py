@@ -40,7 +40,11 @@ class Kvm:
         self._fd = fd
         self._run_size = 0
         self._finalizer = weakref.finalize(self, os.close, fd)
-        version = self.api_version()
+        try:
+            version = self.api_version()
+        except BaseException:
+            self.close()  # not a KVM fd: we own it, so it is closed, not leaked
+            raise
         if version != kvm_sys.KVM_API_VERSION:
             self.close()
             raise ApiVersionError(version)
