@@ -243,3 +243,11 @@ def test_initrd_too_big(memory: GuestMemory) -> None:
 def test_initrd_missing_file(memory: GuestMemory, tmp_path: Path) -> None:
     with pytest.raises(InitrdLoadError, match="No such file"):
         load_initrd(memory, tmp_path / "none", lowest=0x20_0000, highest=0x60_0000)
+
+
+def test_bzimage_short_header_jump_byte(memory: GuestMemory) -> None:
+    image = bytearray(build_bzimage(b"K" * 64))
+    image[0x201] = 0  # the header "ends" right after the jump: inconsistent with 2.15
+    with pytest.raises(KernelLoadError, match="setup header ends") as info:
+        load_kernel(memory, bytes(image))
+    _one_line(info.value)

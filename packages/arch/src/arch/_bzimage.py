@@ -32,6 +32,8 @@ _LOADED_HIGH = 0x01
 _XLF_KERNEL_64 = 0x01
 _MIN_VERSION = 0x206
 _ENTRY_64_OFFSET = 0x200
+#: Protocol 2.10+ headers reach at least init_size (0x260..0x264).
+_MIN_HEADER_END = 0x264
 
 # Offsets inside the file (== offsets inside boot_params).
 _OFF_SETUP_SECTS = 0x1F1
@@ -73,6 +75,10 @@ def load_bzimage(
             f"boot protocol {version >> 8}.{version & 0xFF:02d} is too old (need 2.06+)", name
         )
     header_end = min(_OFF_HEADER + head[_OFF_JUMP + 1], SETUP_HEADER_END)
+    if header_end < _MIN_HEADER_END:
+        raise KernelLoadError(
+            f"setup header ends at {header_end:#x} (jump byte), before the 2.10+ fields", name
+        )
     if len(head) < SETUP_HEADER_END:
         raise KernelLoadError(f"truncated setup header ({len(head)} bytes)", name)
     hdr = bytearray(head[SETUP_HEADER_OFFSET:header_end])

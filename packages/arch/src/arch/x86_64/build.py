@@ -135,7 +135,7 @@ class VmConfig:
         com_ports: COM ports from ``devices.serial.create_com_ports`` (the caller keeps owning
             them: :meth:`RunnableVm.close` does not close them).
         pci_devices: factories of PCI devices (owned by the VM once built).
-        kvm: an open ``Kvm`` to use (default: open ``/dev/kvm``; owned by the VM then).
+        kvm: an open ``Kvm`` to use (the caller keeps owning it); default: open ``/dev/kvm``.
         memory: guest memory built from :func:`memory_layout` (default: created and owned).
     """
 
