@@ -109,6 +109,7 @@ class Kvm:
         while True:
             c = ffi.new("struct kvm_cpuid2 *", {"entries": n})
             c.nent = n
+            # SAFETY: `c` has room for nent == n entries; the kernel writes at most nent.
             r = lib.kvm_ioctl_ptr(self._fd, request, c)
             if r == -errno.E2BIG and n < 1 << 16:
                 n *= 2
@@ -129,12 +130,14 @@ class Kvm:
     def get_msr_index_list(self) -> list[int]:
         """``KVM_GET_MSR_INDEX_LIST``: the MSRs ``Vcpu.get_msrs`` can save/restore."""
         probe = ffi.new("struct kvm_msr_list *")
+        # SAFETY: nmsrs == 0: the kernel only writes back the needed count (E2BIG).
         r = lib.kvm_ioctl_ptr(self._fd, kvm_sys.KVM_GET_MSR_INDEX_LIST, probe)
         if r < 0 and r != -errno.E2BIG:
             raise_errno(-r, "KVM_GET_MSR_INDEX_LIST")
         n = int(probe.nmsrs)
         c = ffi.new("struct kvm_msr_list *", {"indices": n})
         c.nmsrs = n
+        # SAFETY: `c` has room for nmsrs indices; the kernel writes at most nmsrs (E2BIG otherwise).
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_MSR_INDEX_LIST, c, "KVM_GET_MSR_INDEX_LIST")
         return [int(c.indices[i]) for i in range(min(int(c.nmsrs), n))]
 

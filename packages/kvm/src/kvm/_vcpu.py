@@ -321,6 +321,7 @@ class Vcpu:
     def set_signal_mask(self, blocked: Iterable[int] | None) -> None:
         """``KVM_SET_SIGNAL_MASK``: the signals blocked while in the guest (None: don't swap)."""
         if blocked is None:
+            # SAFETY: a 12-byte kvm_signal_mask (len = 8, then the 8-byte sigset), or NULL.
             ioctl_ptr(self._fd, kvm_sys.KVM_SET_SIGNAL_MASK, ffi.NULL, "KVM_SET_SIGNAL_MASK")
             return
         bits = 0
@@ -330,32 +331,39 @@ class Vcpu:
             bits |= 1 << (sig - 1)
         arg = ffi.new("char[]", 12)
         struct.pack_into("<IQ", ffi.buffer(arg), 0, 8, bits)
+        # SAFETY: a 12-byte kvm_signal_mask (len = 8, then the 8-byte sigset), or NULL.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_SIGNAL_MASK, arg, "KVM_SET_SIGNAL_MASK")
 
     # --- register state ------------------------------------------------------------------
 
     def get_regs(self) -> Regs:
         c = ffi.new("struct kvm_regs *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_REGS, c, "KVM_GET_REGS")
         return Regs._unpack(c)
 
     def set_regs(self, regs: Regs) -> None:
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_REGS, regs._pack(), "KVM_SET_REGS")
 
     def get_sregs(self) -> Sregs:
         c = ffi.new("struct kvm_sregs *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_SREGS, c, "KVM_GET_SREGS")
         return Sregs._unpack(c)
 
     def set_sregs(self, sregs: Sregs) -> None:
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_SREGS, sregs._pack(), "KVM_SET_SREGS")
 
     def get_fpu(self) -> Fpu:
         c = ffi.new("struct kvm_fpu *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_FPU, c, "KVM_GET_FPU")
         return Fpu._unpack(c)
 
     def set_fpu(self, fpu: Fpu) -> None:
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_FPU, fpu._pack(), "KVM_SET_FPU")
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
@@ -365,6 +373,7 @@ class Vcpu:
         c.nmsrs = len(idx)
         for i, index in enumerate(idx):
             c.entries[i].index = index
+        # SAFETY: `c` holds nmsrs == len(idx) entries, ffi.new'd to that count.
         n = ioctl_ptr(self._fd, kvm_sys.KVM_GET_MSRS, c, "KVM_GET_MSRS")
         if n != len(idx):
             raise MsrError(idx[n], n)
@@ -378,6 +387,7 @@ class Vcpu:
         for i, (index, value) in enumerate(items):
             c.entries[i].index = index
             c.entries[i].data = value
+        # SAFETY: `c` holds nmsrs == len(items) entries, ffi.new'd to that count.
         n = ioctl_ptr(self._fd, kvm_sys.KVM_SET_MSRS, c, "KVM_SET_MSRS")
         if n != len(items):
             raise MsrError(items[n][0], n)
@@ -385,6 +395,7 @@ class Vcpu:
     def set_cpuid2(self, entries: Iterable[CpuIdEntry]) -> None:
         """``KVM_SET_CPUID2``: the CPUID the guest sees (usually filtered from
         ``Kvm.get_supported_cpuid()``)."""
+        # SAFETY: cpuid_to_struct sizes the flexible array to nent; alive across the call.
         ioctl_ptr(
             self._fd, kvm_sys.KVM_SET_CPUID2, cpuid_to_struct(list(entries)), "KVM_SET_CPUID2"
         )
@@ -392,11 +403,13 @@ class Vcpu:
     def get_cpuid2(self, max_entries: int = 256) -> list[CpuIdEntry]:
         c = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
         c.nent = max_entries
+        # SAFETY: `c` has room for nent == max_entries entries; the kernel writes at most nent.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_CPUID2, c, "KVM_GET_CPUID2")
         return cpuid_from_struct(c)
 
     def get_lapic(self) -> Lapic:
         c = ffi.new("struct kvm_lapic_state *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_LAPIC, c, "KVM_GET_LAPIC")
         return Lapic(bytearray(ffi.buffer(c)))
 
@@ -405,20 +418,24 @@ class Vcpu:
             raise ValueError(f"LAPIC state must be {kvm_sys.KVM_APIC_REG_SIZE} bytes")
         c = ffi.new("struct kvm_lapic_state *")
         ffi.memmove(c, bytes(lapic.regs), kvm_sys.KVM_APIC_REG_SIZE)
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_LAPIC, c, "KVM_SET_LAPIC")
 
     def get_mp_state(self) -> MpState:
         c = ffi.new("struct kvm_mp_state *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_MP_STATE, c, "KVM_GET_MP_STATE")
         return MpState(c.mp_state)
 
     def set_mp_state(self, state: MpState | int) -> None:
         c = ffi.new("struct kvm_mp_state *", {"mp_state": int(state)})
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_MP_STATE, c, "KVM_SET_MP_STATE")
 
     def get_xsave(self) -> bytes:
         """The 4 KiB XSAVE area (opaque: its layout follows the host's CPUID leaf 0xD)."""
         c = ffi.new("struct kvm_xsave *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_XSAVE, c, "KVM_GET_XSAVE")
         return bytes(ffi.buffer(c))
 
@@ -428,10 +445,12 @@ class Vcpu:
             raise ValueError(f"XSAVE area must be {size} bytes, got {len(data)}")
         c = ffi.new("struct kvm_xsave *")
         ffi.memmove(c, bytes(data), size)
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_XSAVE, c, "KVM_SET_XSAVE")
 
     def get_xcrs(self) -> Xcrs:
         c = ffi.new("struct kvm_xcrs *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_XCRS, c, "KVM_GET_XCRS")
         n = min(int(c.nr_xcrs), kvm_sys.KVM_MAX_XCRS)
         return Xcrs({int(c.xcrs[i].xcr): int(c.xcrs[i].value) for i in range(n)}, int(c.flags))
@@ -445,18 +464,22 @@ class Vcpu:
         for i, (xcr, value) in enumerate(xcrs.values.items()):
             c.xcrs[i].xcr = xcr
             c.xcrs[i].value = value
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_XCRS, c, "KVM_SET_XCRS")
 
     def get_vcpu_events(self) -> VcpuEvents:
         c = ffi.new("struct kvm_vcpu_events *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_VCPU_EVENTS, c, "KVM_GET_VCPU_EVENTS")
         return VcpuEvents._unpack(c)
 
     def set_vcpu_events(self, events: VcpuEvents) -> None:
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_VCPU_EVENTS, events._pack(), "KVM_SET_VCPU_EVENTS")
 
     def get_debugregs(self) -> Debugregs:
         c = ffi.new("struct kvm_debugregs *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_DEBUGREGS, c, "KVM_GET_DEBUGREGS")
         db = (int(c.db[0]), int(c.db[1]), int(c.db[2]), int(c.db[3]))
         return Debugregs(db, int(c.dr6), int(c.dr7), int(c.flags))
@@ -466,6 +489,7 @@ class Vcpu:
         for i, value in enumerate(regs.db):
             c.db[i] = value
         c.dr6, c.dr7, c.flags = regs.dr6, regs.dr7, regs.flags
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_DEBUGREGS, c, "KVM_SET_DEBUGREGS")
 
     def set_guest_debug(self, control: int, debugreg: Iterable[int] = ()) -> None:
@@ -477,6 +501,7 @@ class Vcpu:
         c.control = control
         for i, value in enumerate(regs):
             c.arch.debugreg[i] = value
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_GUEST_DEBUG, c, "KVM_SET_GUEST_DEBUG")
 
     def kvmclock_ctrl(self) -> None:
@@ -486,6 +511,7 @@ class Vcpu:
     def interrupt(self, vector: int) -> None:
         """``KVM_INTERRUPT``: queue an external interrupt (only without in-kernel irqchip)."""
         c = ffi.new("struct kvm_interrupt *", {"irq": vector})
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_INTERRUPT, c, "KVM_INTERRUPT")
 
     def nmi(self) -> None:
@@ -512,4 +538,5 @@ def _enable_cap(fd: int, cap: int, args: Iterable[int], flags: int) -> None:
     c.flags = flags
     for i, value in enumerate(values):
         c.args[i] = value
+    # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
     ioctl_ptr(fd, kvm_sys.KVM_ENABLE_CAP, c, "KVM_ENABLE_CAP")

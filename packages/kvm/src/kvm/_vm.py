@@ -236,6 +236,7 @@ class Vm:
     def create_pit2(self, flags: int = kvm_sys.KVM_PIT_SPEAKER_DUMMY) -> None:
         """In-kernel i8254 PIT (the dummy speaker port 0x61, as crosvm and QEMU use)."""
         c = ffi.new("struct kvm_pit_config *", {"flags": flags})
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_CREATE_PIT2, c, "KVM_CREATE_PIT2")
 
     def set_tss_address(self, addr: int) -> None:
@@ -245,6 +246,7 @@ class Vm:
     def set_identity_map_address(self, addr: int) -> None:
         """``KVM_SET_IDENTITY_MAP_ADDR``: one page KVM may use (e.g. 0xfeffc000)."""
         c = ffi.new("uint64_t *", addr)
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_IDENTITY_MAP_ADDR, c, "KVM_SET_IDENTITY_MAP_ADDR")
 
     def set_irq_line(self, irq: int, active: bool) -> None:
@@ -252,6 +254,7 @@ class Vm:
         c = ffi.new("struct kvm_irq_level *")
         c.irq = irq
         c.level = 1 if active else 0
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_IRQ_LINE, c, "KVM_IRQ_LINE")
 
     def signal_msi(self, address: int, data: int) -> int:
@@ -260,6 +263,7 @@ class Vm:
         c.address_lo = address & 0xFFFFFFFF
         c.address_hi = address >> 32
         c.data = data
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         return ioctl_ptr(self._fd, kvm_sys.KVM_SIGNAL_MSI, c, "KVM_SIGNAL_MSI")
 
     def set_gsi_routing(self, routes: Sequence[IrqRoute]) -> None:
@@ -281,6 +285,7 @@ class Vm:
                 e.u.irqchip.pin = route.pin
             else:
                 raise TypeError(f"not an IrqRoute: {route!r}")
+        # SAFETY: `c` holds nr == len(routes) entries (ffi.new'd to that count).
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_GSI_ROUTING, c, "KVM_SET_GSI_ROUTING")
 
     def register_irqfd(self, evt: Fd, gsi: int, resample_evt: Fd | None = None) -> None:
@@ -295,6 +300,7 @@ class Vm:
         if resample_evt is not None:
             c.flags = kvm_sys.KVM_IRQFD_FLAG_RESAMPLE
             c.resamplefd = fd_of(resample_evt)
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_IRQFD, c, "KVM_IRQFD")
 
     def unregister_irqfd(self, evt: Fd, gsi: int) -> None:
@@ -302,6 +308,7 @@ class Vm:
         c.fd = fd_of(evt)
         c.gsi = gsi
         c.flags = kvm_sys.KVM_IRQFD_FLAG_DEASSIGN
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_IRQFD, c, "KVM_IRQFD")
 
     def _ioeventfd(
@@ -332,6 +339,7 @@ class Vm:
         c.len = length
         c.fd = fd_of(evt)
         c.flags = flags
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_IOEVENTFD, c, "KVM_IOEVENTFD")
 
     def register_ioevent(
@@ -362,6 +370,7 @@ class Vm:
 
     def get_clock(self) -> ClockData:
         c = ffi.new("struct kvm_clock_data *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_CLOCK, c, "KVM_GET_CLOCK")
         return ClockData(int(c.clock), int(c.flags))
 
@@ -369,6 +378,7 @@ class Vm:
         """Set kvmclock (only ``clock`` is used; flags the kernel reports are not inputs)."""
         c = ffi.new("struct kvm_clock_data *")
         c.clock = clock.clock if isinstance(clock, ClockData) else clock
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_CLOCK, c, "KVM_SET_CLOCK")
 
     def get_irqchip(self, chip_id: int) -> bytes:
@@ -377,6 +387,7 @@ class Vm:
         Opaque on purpose: it is for snapshot and restore with :meth:`set_irqchip`.
         """
         c = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_IRQCHIP, c, "KVM_GET_IRQCHIP")
         return bytes(ffi.buffer(c.chip.dummy))
 
@@ -386,11 +397,13 @@ class Vm:
         if len(state) != size:
             raise ValueError(f"irqchip state must be {size} bytes, got {len(state)}")
         ffi.memmove(c.chip.dummy, bytes(state), size)
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_IRQCHIP, c, "KVM_SET_IRQCHIP")
 
     def get_pit2(self) -> bytes:
         """``KVM_GET_PIT2``: the raw ``struct kvm_pit_state2`` (for :meth:`set_pit2`)."""
         c = ffi.new("struct kvm_pit_state2 *")
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_GET_PIT2, c, "KVM_GET_PIT2")
         return bytes(ffi.buffer(c))
 
@@ -400,4 +413,5 @@ class Vm:
             raise ValueError(f"PIT state must be {size} bytes, got {len(state)}")
         c = ffi.new("struct kvm_pit_state2 *")
         ffi.memmove(c, bytes(state), size)
+        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
         ioctl_ptr(self._fd, kvm_sys.KVM_SET_PIT2, c, "KVM_SET_PIT2")
