@@ -8,7 +8,6 @@ never another slot's data, never data of a discarded generation from before the 
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -45,13 +44,11 @@ def _child(path: str, seed: int, lazy: bool) -> None:
     from qcow import QcowFile
 
     img = QcowFile.create(path, SIZE, cluster_size=CS, lazy_refcounts=lazy)
-    done = 0
-    for kind, where, content in _ops(seed):
+    for done, (kind, where, content) in enumerate(_ops(seed), start=1):
         if kind == "w":
             img.write_at(content, where * SLOT)
         else:
             img.discard(where * CS, CS)
-        done += 1
         if done % 400 == 0:
             img.flush()
             print(done, flush=True)
