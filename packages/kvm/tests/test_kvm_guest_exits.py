@@ -128,6 +128,8 @@ def test_reply_errors(vmm: Machine) -> None:
             vcpu.set_io_in_data(b"\x00\x00")  # 2 bytes for a 1-byte IN
         with pytest.raises(kvm.ReplyError):
             vcpu.set_io_in_data(b"")
+        with pytest.raises(kvm.ReplyError):  # far larger than the kvm_run mapping
+            vcpu.set_io_in_data(bytes(1 << 20))
         vcpu.set_io_in_data(bytearray(b"\x5a"))
         assert vcpu.run() == kvm.IoOut(0x3F8, 1, 1, b"\x5b")
 
