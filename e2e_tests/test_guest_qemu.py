@@ -295,3 +295,58 @@ def test_smp_all_vcpus_report(host_profile: HostProfile, cpus: int) -> None:
     assert sorted(int(r["cpu"]) for r in rows) == list(range(cpus))
     assert len({r["apic_id"] for r in rows}) == cpus
     assert all(r["cpl"] == "3" for r in rows)
+
+
+def test_linux64_entry_with_pycrosvm_arch(guest_elf: Path) -> None:
+    """The other entry point: the Linux 64-bit boot protocol (long mode, rsi = zero page), as
+    crosvm uses it. QEMU cannot enter an ELF that way, so pycrosvm's own ``arch.build_vm``
+    (zero page, e820, GDT, page tables) with a minimal run loop plays the VMM here."""
+    select = pytest.importorskip("select")
+    build = pytest.importorskip("arch.x86_64.build")
+    serial_mod = pytest.importorskip("devices.serial")
+    kvm = pytest.importorskip("kvm")
+    sys_util = pytest.importorskip("sys_util")
+
+    out = bytearray()
+
+    class Sink:
+        def write(self, data: bytes, /) -> int:
+            out.extend(data)
+            return len(data)
+
+    evt = sys_util.EventFd()
+    port = serial_mod.ComPort(
+        1, 0x3F8, 4, serial_mod.SerialParameters(serial_mod.SerialType.SINK),
+        serial_mod.Serial(evt, Sink(), label="COM1"), evt, None, [evt],
+    )  # fmt: skip
+    try:
+        cfg = build.VmConfig(
+            memory_size=64 << 20,
+            kernel=guest_elf.read_bytes(),
+            cmdline="console=ttyS0 reboot=k scenario=rtc",
+            com_ports=[port],
+        )
+        with build.build_vm(cfg) as rvm:
+            vcpu = rvm.vcpus[0]
+            for _ in range(100_000):
+                e = vcpu.run()
+                if isinstance(e, kvm.IoOut):
+                    rvm.io_bus.write(e.port, e.data)
+                elif isinstance(e, kvm.IoIn):
+                    vcpu.set_io_in_data(rvm.io_bus.read(e.port, e.size))
+                elif isinstance(e, kvm.MmioWrite):
+                    rvm.mmio_bus.write(e.addr, e.data)
+                elif isinstance(e, kvm.MmioRead):
+                    vcpu.set_mmio_read_data(rvm.mmio_bus.read(e.addr, e.size))
+                else:
+                    raise AssertionError(f"unexpected exit {e!r}: {out.decode(errors='replace')}")
+                if select.select([rvm.exit_evt], [], [], 0)[0]:
+                    break
+        port.serial.flush()
+    finally:
+        port.close()
+    res = GuestResult(argv=[], output=out.decode(errors="replace"), stderr="", returncode=0,
+                      seconds=0.0).check()  # fmt: skip
+    assert res.find("boot")["boot"] == "linux64"
+    assert 60 <= int(res.find("boot")["mem_mib"]) <= 64  # from the e820 map in the zero page
+    assert abs(int(res.find("rtc_epoch")["rtc_epoch"]) - time.time()) < 5

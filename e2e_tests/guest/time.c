@@ -8,21 +8,56 @@ u8 cmos_read(u8 reg) {
     return inb(0x71);
 }
 
-static int pit_calibrate(u64 *hz) {
-    const u32 count = 59659; /* 50 ms at 1.193182 MHz */
-    u8 p61 = inb(0x61);
-    outb(0x61, (u8)((p61 & ~0x02) | 0x01)); /* gate 2 on, speaker off */
-    outb(0x43, 0xB0);                         /* channel 2, lo/hi, mode 0, binary */
-    outb(0x42, count & 0xFF);
-    outb(0x42, count >> 8);
-    u64 t0 = rdtsc();
-    u64 spins = 0;
-    while (!(inb(0x61) & 0x20)) {
-        if (++spins > 2000000) return -1;
+/* Latch and read PIT channel 0. *tsc is the midpoint of the TSC window that holds the latch,
+ * *width that window (wide when the vCPU was preempted around the port access). */
+static u16 pit0_count(u64 *tsc, u64 *width) {
+    u64 a = rdtsc();
+    outb(0x43, 0x00); /* latch channel 0 */
+    u64 b = rdtsc();
+    *tsc = a + (b - a) / 2;
+    *width = b - a;
+    u8 lo = inb(0x40);
+    return (u16)(lo | inb(0x40) << 8);
+}
+
+/* The narrowest of a few samples: keeps preemption (busy hosts) out of the end points. */
+static u16 pit0_sample(u64 *tsc, u64 *ticks, u16 *prev) {
+    u64 best_w = ~0ull, best_t = 0, w, t;
+    u16 best_c = 0;
+    for (int i = 0; i < 5; i++) {
+        u16 c = pit0_count(&t, &w);
+        *ticks += (u16)(*prev - c);
+        *prev = c;
+        if (w < best_w) best_w = w, best_t = t, best_c = c;
     }
-    u64 t1 = rdtsc();
-    outb(0x61, p61);
-    *hz = (t1 - t0) * 1193182ull / count;
+    /* ticks counts to the last sample; correct it back to the chosen one */
+    *ticks -= (u16)(best_c - *prev);
+    *tsc = best_t;
+    return best_c;
+}
+
+static int pit_calibrate(u64 *hz) {
+    /*
+     * Channel 0 as a free-running 16-bit down counter (mode 2, reload 0 = 65536) read back with
+     * latch commands. Not port 0x61/channel 2: crosvm's i8042 answers 0x61 with a constant 0x20.
+     * IRQ 0 stays masked (PIC and IOAPIC), so the counter only serves as a clock here.
+     */
+    outb(0x43, 0x34);
+    outb(0x40, 0);
+    outb(0x40, 0);
+    u64 t0, t1, ticks = 0, w, t;
+    u16 prev = pit0_count(&t, &w);
+    u16 c0 = pit0_sample(&t0, &ticks, &prev);
+    ticks = (u16)(c0 - prev); /* from the chosen start sample to the latest reading */
+    for (u64 spins = 0; ticks < 119318; spins++) { /* 100 ms of 1.193182 MHz */
+        u16 cur = pit0_count(&t, &w);
+        ticks += (u16)(prev - cur);
+        prev = cur;
+        if (spins > 100000 && ticks < 100) return -1; /* the counter does not move */
+        if (spins > 2000000) return -1;
+    }
+    pit0_sample(&t1, &ticks, &prev);
+    *hz = (t1 - t0) * 1193182ull / ticks;
     return 0;
 }
 
