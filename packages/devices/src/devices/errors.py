@@ -8,7 +8,57 @@ The PCI and virtio modules keep their specific classes next to their code and de
 
 from __future__ import annotations
 
-__all__ = ["BusError", "Error", "SerialConfigError"]
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devices.pci import BarAllocationError, CapabilitySpaceFull, PciError, PciSlotsExhausted
+    from devices.virtio import (
+        ChainTooShort,
+        DiskImageLocked,
+        InvalidChain,
+        InvalidQueue,
+        VirtioError,
+    )
+
+__all__ = [
+    "BarAllocationError",
+    "BusError",
+    "CapabilitySpaceFull",
+    "ChainTooShort",
+    "DiskImageLocked",
+    "Error",
+    "InvalidChain",
+    "InvalidQueue",
+    "PciError",
+    "PciSlotsExhausted",
+    "SerialConfigError",
+    "VirtioError",
+]
+
+# The PCI and virtio errors live beside their code (they import this module for Error); they
+# are reachable here too, resolved on first use so that importing this module stays cheap and
+# free of import cycles.
+_ELSEWHERE = {
+    "BarAllocationError": "devices.pci",
+    "CapabilitySpaceFull": "devices.pci",
+    "PciError": "devices.pci",
+    "PciSlotsExhausted": "devices.pci",
+    "ChainTooShort": "devices.virtio",
+    "DiskImageLocked": "devices.virtio",
+    "InvalidChain": "devices.virtio",
+    "InvalidQueue": "devices.virtio",
+    "VirtioError": "devices.virtio",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _ELSEWHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'devices.errors' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
 class Error(Exception):
