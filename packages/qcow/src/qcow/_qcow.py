@@ -647,11 +647,18 @@ class QcowFile:
                     pos += k * cs
                     continue
                 # partial cluster: copy-on-write of whatever the cluster reads as now
-                base = bytearray(cs)
-                self._cluster_content(memoryview(base), e, offset + pos - in_off)
-                base[in_off : in_off + chunk] = mv[pos : pos + chunk]
                 h = self._alloc()
-                self._pwritev(memoryview(base), h << cb)
+                if (
+                    self._reads_zero(e, offset + pos - in_off)
+                    and (h << cb) >= os.fstat(self._fd).st_size
+                ):
+                    # a cluster past the end of the file is a hole: only the data is written
+                    self._pwritev(mv[pos : pos + chunk], (h << cb) + in_off)
+                else:
+                    base = bytearray(cs)
+                    self._cluster_content(memoryview(base), e, offset + pos - in_off)
+                    base[in_off : in_off + chunk] = mv[pos : pos + chunk]
+                    self._pwritev(memoryview(base), h << cb)
                 table[l2i] = (h << cb) | COPIED
                 self._release(e)
                 self._l2.dirty.add(self._l1[l1i] & OFFSET_MASK)
@@ -665,6 +672,12 @@ class QcowFile:
             return False
         host = e & OFFSET_MASK
         return bool(host) and self._get_refcount(host >> self._cb) == 1
+
+    def _reads_zero(self, e: int, guest: int) -> bool:
+        """True if a guest cluster with L2 entry ``e`` reads as zeros without any I/O."""
+        if e & ZERO and self._v3 and not e & COMPRESSED:
+            return True
+        return not e and self._reads_zero_unallocated(guest >> self._cb)
 
     def _cluster_content(self, out: memoryview, e: int, guest: int) -> None:
         """What a guest cluster reads as now (for copy-on-write of a partial write)."""
