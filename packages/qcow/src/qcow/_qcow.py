@@ -869,6 +869,7 @@ class QcowFile:
                 raise ReadOnlyImage("repair needs the image opened writable")
             if self._writable:
                 self._write_metadata()
+                self._persist_refcounts()
             result = check_image(self, repair=repair)
             return result
 
