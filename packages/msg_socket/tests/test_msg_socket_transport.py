@@ -211,7 +211,7 @@ def test_bad_packets_raise_and_close_their_fds(
             (b"\x09" + bytes(size - 1), 1, InvalidType),  # unknown tag
             (b"\x00" + bytes(size - 1), 1, NotExpectFd),  # Ping needs no fd
             (b"\x01" + bytes(size - 1), 0, ExpectFd),  # Signal needs one
-            (b"\x02" + bytes(size - 1), 3, NotExpectFd),  # more than max_fd_count + 1
+            (b"\x00" + bytes(size - 1), 8, NotExpectFd),  # beyond the buffer: MSG_CTRUNC
         ]
         for data, nfds, error in cases:
             send_raw(peer, data, [r] * nfds)
@@ -269,3 +269,19 @@ def test_owned_fd_fields() -> None:
             os.write(w, b"z")
             assert os.read(got.fd.fileno(), 1) == b"z"
     os.close(w)
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+def test_fds_beyond_the_receive_buffer_are_reported_and_closed(
+    raw_peer: tuple[socket.socket, MsgSocket[Unit, Request]],
+) -> None:
+    peer, sock = raw_peer
+    r, w = os.pipe()
+    try:
+        send_raw(peer, encode_ping(1), [r] * 20)
+        with pytest.raises(NotExpectFd) as e:
+            sock.recv()
+        assert e.value.received == -1  # MSG_CTRUNC: the kernel closed what did not fit
+    finally:
+        os.close(r)
+        os.close(w)

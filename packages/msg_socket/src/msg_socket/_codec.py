@@ -400,6 +400,7 @@ class _StructCodec(Codec):
         self.size = off
         self.max_fds = sum(c.max_fds for c in self._codecs)
         self._flat = _FlatPacker(self._codecs)
+        self._plain = not hasattr(cls, "__post_init__") and not hasattr(cls, "__slots__")
 
     def encode(self, value: Any, buf: bytearray, off: int, fds: list[int]) -> None:
         if not isinstance(value, self._cls):
@@ -417,6 +418,12 @@ class _StructCodec(Codec):
             values = [
                 c.decode(buf, off + o, rx) for c, o in zip(self._codecs, self._offsets, strict=True)
             ]
+        if self._plain:
+            # A frozen dataclass without __post_init__: filling __dict__ is what its __init__
+            # does, minus one object.__setattr__ call per field.
+            obj = object.__new__(self._cls)
+            obj.__dict__.update(zip(self._names, values, strict=True))
+            return obj
         try:
             return self._cls(*values)
         except (ValueError, TypeError) as e:  # the message's own __post_init__ refused it
@@ -611,13 +618,21 @@ def check_declaration(cls: type[Any], frame: types.FrameType | None = None) -> N
 
 def codec_for(tp: Any) -> Codec:
     """The (cached) codec of a message type or field annotation."""
-    if isinstance(tp, type) and issubclass(tp, Msg):
+    try:
         codec = _codecs.get(tp)
-        if codec is not None:
-            return codec
+    except TypeError:  # an unhashable annotation
+        codec = None
+    if codec is not None:
+        return codec
+    if isinstance(tp, type) and issubclass(tp, Msg):
         with _lock:
             return _build_msg(tp)
-    return _resolve(tp, getattr(tp, "__qualname__", repr(tp)), checking=False)
+    codec = _resolve(tp, getattr(tp, "__qualname__", repr(tp)), checking=False)
+    try:
+        _codecs[tp] = codec
+    except TypeError:
+        pass
+    return codec
 
 
 def _build_msg(cls: type[Any]) -> Codec:
@@ -700,14 +715,14 @@ def decode(tp: Any, data: bytes, fds: Sequence[int] = ()) -> Any:
     rx = FdReader(fds)
     try:
         codec = codec_for(tp)
-        expected = max(1, codec.size)
-        if len(data) != expected:
-            raise BadRecvSize(expected, len(data))
-        if codec.size == 0 and data != b"\0":
+        size = codec.size
+        if len(data) != (size or 1):
+            raise BadRecvSize(size or 1, len(data))
+        if size == 0 and data != b"\0":
             raise InvalidType(codec.where, "the byte of an empty message is not zero")
         value = codec.decode(data, 0, rx)
-        if rx.pos != rx.received:
-            raise NotExpectFd(rx.pos, rx.received)
+        if rx.pos != len(fds):
+            raise NotExpectFd(rx.pos, len(fds))
         return value
     except BaseException:
         rx.close_all()
