@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 from hypothesis import HealthCheck, settings
@@ -130,6 +131,11 @@ class QcowModel(RuleBasedStateMachine):
                     assert img.read_at(0, len(self.model)) == self.model
                     res = img.check()
                     assert res.ok, res.messages
+                if shutil.which("qemu-img"):
+                    peer = subprocess.run(
+                        ["qemu-img", "check", self.path], capture_output=True, text=True
+                    )
+                    assert peer.returncode == 0, peer.stdout + peer.stderr
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

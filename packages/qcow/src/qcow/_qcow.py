@@ -255,7 +255,7 @@ class QcowFile:
                         self._persist_refcounts(force_sync=True)
                         self._set_incompat(self._hdr.incompatible_features & ~H.INCOMPAT_DIRTY)
                     if self._data_unsynced or self._modified:
-                        os.fdatasync(self._fd)
+                        self._sync()
         finally:
             fd, self._fd = self._fd, -1
             os.close(fd)
@@ -694,7 +694,14 @@ class QcowFile:
             end = min(len(out), self._hdr.size - guest)
             self._read_unallocated(out[:end], guest)
 
+    def _sync(self) -> None:
+        """fdatasync: everything written so far (data and metadata) is durable."""
+        os.fdatasync(self._fd)
+        self._data_unsynced = False
+        self._rc_unsynced = False
+
     def _pwritev(self, mv: memoryview, offset: int) -> None:
+        self._data_unsynced = True
         done = os.pwritev(self._fd, [mv], offset)
         while done < len(mv):
             n = os.pwritev(self._fd, [mv[done:]], offset + done)
@@ -747,8 +754,14 @@ class QcowFile:
                 self._zero_partial(offset, min(end, first_full) - offset)
             if first_full <= full_end < end:
                 self._zero_partial(full_end, end - full_end)
-            for cl in range(first_full >> cb, full_end >> cb):
+            cl, last = first_full >> cb, full_end >> cb
+            while cl < last:
+                l1i = cl >> self._l2b
+                if not self._l1[l1i] & OFFSET_MASK and self._reads_zero_unallocated(cl):
+                    cl = (l1i + 1) << self._l2b  # a whole L2 range that already reads as zeros
+                    continue
                 self._zero_cluster(cl)
+                cl += 1
 
     def _zero_partial(self, offset: int, length: int) -> None:
         cl = offset >> self._cb
@@ -815,7 +828,7 @@ class QcowFile:
                 self._grow_l1(need)
             self._hdr.size = new_size
             self._write_header_fixed()
-            os.fdatasync(self._fd)
+            self._sync()
 
     def _grow_l1(self, entries: int) -> None:
         # Everything the new L1 will point to must be on disk first.
@@ -829,12 +842,12 @@ class QcowFile:
         raw = encode_u64_table(new_l1)
         _pwrite_all(self._fd, raw + bytes(nclusters * cs - len(raw)), first << cb)
         self._file_end = max(self._file_end, (first + nclusters) << cb)
-        os.fdatasync(self._fd)
+        self._sync()
         old_off, old_size = self._hdr.l1_table_offset, self._hdr.l1_size
         self._hdr.l1_table_offset = first << cb
         self._hdr.l1_size = entries
         self._write_header_fixed()
-        os.fdatasync(self._fd)
+        self._sync()
         self._l1 = new_l1
         self._l1_dirty.clear()
         if old_size:
@@ -851,8 +864,7 @@ class QcowFile:
             if not self._lazy:
                 self._persist_refcounts()  # the deferred decrements: no leaks after a flush
             if self._data_unsynced:
-                os.fdatasync(self._fd)
-                self._data_unsynced = False
+                self._sync()
 
     # ------------------------------------------------------------------ check
 
@@ -878,7 +890,7 @@ class QcowFile:
 
         check_image(self, repair=True)
         self._set_incompat(self._hdr.incompatible_features & ~H.INCOMPAT_DIRTY)
-        os.fdatasync(self._fd)
+        self._sync()
 
     def _reload_refcounts(self) -> None:
         """Forget cached refcounts after the refcount structures were rebuilt on disk."""
@@ -1115,12 +1127,12 @@ class QcowFile:
         # persist: blocks, then the table, then the header switch
         self._persist_refcounts(force_sync=True, skip_table=True)
         _pwrite_all(self._fd, encode_u64_table(new_table), start << cb)
-        os.fdatasync(self._fd)
+        self._sync()
         old_off, old_clusters = self._hdr.refcount_table_offset, self._hdr.refcount_table_clusters
         self._hdr.refcount_table_offset = start << cb
         self._hdr.refcount_table_clusters = t
         self._write_header_fixed()
-        os.fdatasync(self._fd)
+        self._sync()
         self._reftable_dirty.clear()
         for c in range(old_off >> cb, (old_off >> cb) + old_clusters):
             self._add_refcount(c, -1)
@@ -1140,15 +1152,14 @@ class QcowFile:
         self._rb.dirty.clear()
         if self._reftable_dirty and not skip_table:
             if wrote:
-                os.fdatasync(fd)
+                self._sync()
             base = self._hdr.refcount_table_offset
             for ti in sorted(self._reftable_dirty):
                 _pwrite_all(fd, _U64.pack(self._reftable[ti]), base + 8 * ti)
             self._reftable_dirty.clear()
             wrote = True
         if wrote or self._rc_unsynced or force_sync:
-            os.fdatasync(fd)
-            self._rc_unsynced = False
+            self._sync()
 
     def _write_metadata(self) -> None:
         """Write back metadata in crash-safe order; then apply deferred refcount drops.
@@ -1162,6 +1173,8 @@ class QcowFile:
         if not self._lazy and (self._rb.dirty or self._reftable_dirty or self._rc_unsynced):
             self._persist_refcounts()
         wrote = False
+        if self._l2.dirty and self._data_unsynced:
+            self._sync()  # data before the L2 entries that point at it (lazy mode needs this)
         for off in sorted(self._l2.dirty):
             table = self._l2.peek(off)
             if table is not None:
@@ -1170,15 +1183,14 @@ class QcowFile:
         self._l2.dirty.clear()
         if self._l1_dirty:
             if wrote:
-                os.fdatasync(fd)
+                self._sync()
             base = self._hdr.l1_table_offset
             for i in sorted(self._l1_dirty):
                 _pwrite_all(fd, _U64.pack(self._l1[i]), base + 8 * i)
             self._l1_dirty.clear()
             wrote = True
         if wrote:
-            os.fdatasync(fd)
-            self._data_unsynced = False
+            self._sync()
         if self._pending_free:
             pending, self._pending_free = self._pending_free, []
             for c in pending:
@@ -1200,7 +1212,7 @@ class QcowFile:
             return
         self._hdr.incompatible_features = value
         _pwrite_all(self._fd, _U64.pack(value), 72)
-        os.fdatasync(self._fd)
+        self._sync()
 
 
 def _resolve_backing(image_path: str, name: str) -> str:
