@@ -152,7 +152,10 @@ def vcpu_loop(vcpu: kvm.Vcpu, io_bus: IoBus, mmio_bus: IoBus, state: RunState) -
     set_io, set_mmio = vcpu.set_io_in_data, vcpu.set_mmio_read_data
     try:
         while True:
-            exit_ = run()
+            try:
+                exit_ = run()
+            except BlockingIOError:  # EAGAIN: an AP left wait-for-SIPI; KVM wants a re-run
+                continue
             kind = type(exit_)
             if kind is IoOut:
                 assert isinstance(exit_, IoOut)

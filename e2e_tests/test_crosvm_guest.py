@@ -1,0 +1,276 @@
+"""`crosvm run` end to end with the native-speed test guest: boot, devices, failures, control.
+
+Each test boots the C test guest (e2e_tests/guest) under our crosvm and checks what the guest
+reports on COM1 (``RESULT key=value`` lines) against what the host knows: the disk's sha256, the
+wall clock, the file the guest wrote. Every VM is a separate process that the fixture always
+kills and cleans up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from fixture import Disk, GuestConfig, launch, run_guest
+
+from arch.testing import build_elf64
+
+pytestmark = [pytest.mark.kvm]
+
+CROSVM = shutil.which("crosvm") or "crosvm"
+TIMEOUT = 120.0
+
+
+def crosvm_guest(cfg: GuestConfig, *, check: bool = True) -> object:
+    return run_guest(cfg, vmm="crosvm", crosvm=CROSVM, timeout=TIMEOUT, check=check)
+
+
+def sha256(path: Path, length: int | None = None) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read() if length is None else f.read(length)).hexdigest()
+
+
+def make_disk(path: Path, size: int, seed: int = 0) -> Path:
+    block = hashlib.sha256(str(seed).encode()).digest() * (1 << 15)  # 1 MiB of varied bytes
+    with open(path, "wb") as f:
+        for _ in range(size // len(block)):
+            f.write(block)
+            block = block[1:] + block[:1]
+    return path
+
+
+def run_crosvm(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CROSVM, "run", "--disable-sandbox", *args],
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+# --- boot and platform ------------------------------------------------------------------
+
+
+def test_boots_via_elf_and_reset_exits_zero() -> None:
+    result = crosvm_guest(GuestConfig("hello"))
+    assert result.returncode == 0  # type: ignore[attr-defined]
+    assert result.find("hello")["cpl"] == "3"  # type: ignore[attr-defined]
+
+
+def test_command_line_reaches_the_guest() -> None:
+    # The scenario itself travels in -p; an unknown scenario name comes back in the failure.
+    result = crosvm_guest(GuestConfig("no-such-scenario"), check=False)
+    assert "no-such-scenario" in result.output  # type: ignore[attr-defined]
+
+
+def test_two_vcpus_report_in() -> None:
+    result = crosvm_guest(GuestConfig("smp", cpus=2))
+    cpus = {entry["cpu"] for entry in result.find_all("apic_id")}  # type: ignore[attr-defined]
+    assert cpus == {"0", "1"}
+    assert result.find("cpus_online")["cpus_online"] == "2"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mem_mib", [256, 1024])
+def test_e820_shows_the_memory(mem_mib: int) -> None:
+    result = crosvm_guest(GuestConfig("hello", mem_mib=mem_mib))
+    seen = int(result.find("mem_mib")["mem_mib"])  # type: ignore[attr-defined]
+    assert mem_mib - 4 <= seen <= mem_mib  # minus the low 1 MiB holes
+
+
+def test_rtc_follows_the_host_clock() -> None:
+    result = crosvm_guest(GuestConfig("rtc"))
+    guest = int(result.find("rtc_epoch")["rtc_epoch"])  # type: ignore[attr-defined]
+    assert abs(guest - time.time()) < 10
+
+
+def test_serial_input_reaches_the_guest() -> None:
+    cfg = GuestConfig("serial-echo")
+    with launch(cfg, vmm="crosvm", crosvm=CROSVM) as vm:
+        vm.wait_for("READY serial-echo", TIMEOUT)
+        vm.send_serial(b"ping 123\r\nEND\r\n")
+        vm.wait_for("ECHO ping 123", 30)
+        result = vm.wait(TIMEOUT)
+    assert result.returncode == 0 and result.status == "ok"
+
+
+def test_cpuid_hides_what_this_host_cannot_run() -> None:
+    result = crosvm_guest(GuestConfig("cpuid"))
+    assert result.find("hypervisor")["hypervisor"].startswith("KVMKVMKVM")  # type: ignore[attr-defined]
+
+
+# --- failures end the run with a status and a message ------------------------------------
+
+
+def test_triple_fault_is_an_error(tmp_path: Path) -> None:
+    kernel = tmp_path / "ud2.elf"  # #UD with an empty IDT: #GP, #DF, then a triple fault
+    kernel.write_bytes(build_elf64([(0x200000, b"\x0f\x0b", 0x1000)], 0x200000))
+    result = run_crosvm(str(kernel))
+    assert result.returncode == 1
+    assert "triple-faulted" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_halted_forever_is_an_error(tmp_path: Path) -> None:
+    kernel = tmp_path / "halt.elf"  # cli; hlt; jmp .-2
+    kernel.write_bytes(build_elf64([(0x200000, b"\xfa\xf4\xeb\xfc", 0x1000)], 0x200000))
+    start = time.monotonic()
+    result = run_crosvm(str(kernel))
+    assert result.returncode == 1 and "halted" in result.stderr
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize(
+    "content", [b"", os.urandom(4096), b"\x7fELF\x01" + bytes(100), b"\x7fELF\x02\x01" + bytes(10)]
+)
+def test_bad_kernels_are_one_line_status_2(tmp_path: Path, content: bytes) -> None:
+    kernel = tmp_path / "bad"
+    kernel.write_bytes(content)
+    result = run_crosvm(str(kernel), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_sigterm_stops_cleanly() -> None:
+    with launch(GuestConfig("serial-echo"), vmm="crosvm", crosvm=CROSVM) as vm:
+        vm.wait_for("READY serial-echo", TIMEOUT)
+        vm.proc.send_signal(signal.SIGTERM)
+        result = vm.wait(30)
+    assert result.returncode == 0 and "terminating on signal" in result.stderr
+
+
+# --- virtio devices -----------------------------------------------------------------------
+
+
+def test_block_read_matches_host_sha256(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "d.img", 16 << 20, seed=1)
+    result = crosvm_guest(GuestConfig("blk-read-sha256", disks=(Disk(disk, read_only=True),)))
+    assert result.find("sha256")["sha256"] == sha256(disk)  # type: ignore[attr-defined]
+
+
+def test_block_write_lands_in_the_host_file(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "w.img", 8 << 20)
+    cfg = GuestConfig("blk-write-pattern", {"seed": 7, "bytes": 1 << 20}, disks=(Disk(disk),))
+    entry = crosvm_guest(cfg).find("written")  # type: ignore[attr-defined]
+    assert int(entry["written"]) == 1 << 20
+    assert entry["sha256"] == sha256(disk, 1 << 20)
+
+
+def test_read_only_disk_refuses_writes_and_is_unchanged(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "ro.img", 4 << 20, seed=3)
+    before = sha256(disk)
+    cfg = GuestConfig("blk-write-pattern", {"bytes": 65536}, disks=(Disk(disk, read_only=True),))
+    result = crosvm_guest(cfg, check=False)
+    assert result.status == "fail"  # type: ignore[attr-defined]
+    assert sha256(disk) == before
+
+
+def test_disk_order_follows_the_command_line(tmp_path: Path) -> None:
+    first = make_disk(tmp_path / "a.img", 2 << 20, seed=10)
+    second = make_disk(tmp_path / "b.img", 2 << 20, seed=11)
+    disks = (Disk(first, read_only=True), Disk(second, read_only=True))
+    for index, image in enumerate((first, second)):
+        cfg = GuestConfig("blk-read-sha256", {"disk": index}, disks=disks)
+        assert crosvm_guest(cfg).find("sha256")["sha256"] == sha256(image)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("irq", ["msix", "intx"])
+def test_interrupt_modes(irq: str, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "i.img", 2 << 20)
+    cfg = GuestConfig("irq", {"irq": irq, "count": 64}, disks=(Disk(disk),))
+    entry = crosvm_guest(cfg).find("irq_mode")  # type: ignore[attr-defined]
+    assert entry["irq_mode"] == irq and int(entry["interrupts"]) > 0
+
+
+def test_rng_yields_bytes() -> None:
+    entry = crosvm_guest(GuestConfig("rng-read", rng=True)).find("rng_bytes")  # type: ignore[attr-defined]
+    assert int(entry["rng_bytes"]) == 65536 and int(entry["distinct"]) == 256
+
+
+def test_hostile_requests_leave_crosvm_serving(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "h.img", 4 << 20, seed=5)
+    result = crosvm_guest(GuestConfig("hostile", disks=(Disk(disk),)))
+    cases = result.find_all("hostile")  # type: ignore[attr-defined]
+    assert len(cases) >= 6
+    assert all(case["survived"] == "1" for case in cases), cases
+    assert result.returncode == 0  # type: ignore[attr-defined]
+
+
+def test_virtio_console_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "hvc0.out"
+    argv = [
+        CROSVM, "run", "--disable-sandbox", "--no-rng",
+        "--serial", "type=stdout,num=1,console",
+        "--serial", f"type=file,path={out},num=2,hardware=virtio-console,stdin",
+        "-p", "scenario=console-echo",
+    ]  # fmt: skip
+    from fixture import build_guest
+
+    proc = subprocess.run(
+        [*argv, str(build_guest())], input=b"hello over hvc0\nEND\n", capture_output=True,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert b"hello over hvc0" in out.read_bytes()
+
+
+# --- the control socket -------------------------------------------------------------------
+
+
+def _control(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CROSVM, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_stop_ends_the_vm_and_removes_the_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    argv = [CROSVM, "run", "--disable-sandbox", "-s", str(sock), "-p", "scenario=serial-echo"]
+    from fixture import GuestVm, build_guest
+
+    with GuestVm([*argv, str(build_guest())]) as vm:
+        vm.wait_for("READY serial-echo", TIMEOUT)
+        start = time.monotonic()
+        assert _control("stop", str(sock)).returncode == 0
+        result = vm.wait(10)
+        assert time.monotonic() - start < 1.0
+    assert result.returncode == 0 and not sock.exists()
+
+
+def test_suspend_freezes_the_guest_and_resume_continues(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    argv = [CROSVM, "run", "--disable-sandbox", "-s", str(sock), "-p", "scenario=serial-echo"]
+    from fixture import GuestVm, build_guest
+    from fixture.errors import GuestTimeout
+
+    with GuestVm([*argv, str(build_guest())]) as vm:
+        vm.wait_for("READY serial-echo", TIMEOUT)
+        assert _control("suspend", str(sock)).returncode == 0
+        vm.send_serial(b"while suspended\r\n")
+        with pytest.raises(GuestTimeout):
+            vm.wait_for("ECHO while suspended", 2)
+        assert _control("resume", str(sock)).returncode == 0
+        vm.wait_for("ECHO while suspended", 30)
+        vm.send_serial(b"END\r\n")
+        assert vm.wait(TIMEOUT).returncode == 0
+
+
+def test_two_vms_in_one_directory_get_distinct_sockets(tmp_path: Path) -> None:
+    from fixture import GuestVm, build_guest
+
+    argv = [CROSVM, "run", "--disable-sandbox", "-s", str(tmp_path), "-p", "scenario=serial-echo",
+            str(build_guest())]  # fmt: skip
+    with GuestVm(argv) as first, GuestVm(argv) as second:
+        first.wait_for("READY", TIMEOUT)
+        second.wait_for("READY", TIMEOUT)
+        names = {p.name for p in tmp_path.glob("crosvm-*.sock")}
+        assert names == {f"crosvm-{first.proc.pid}.sock", f"crosvm-{second.proc.pid}.sock"}
+        for name in names:
+            assert _control("stop", str(tmp_path / name)).returncode == 0
+        assert first.wait(10).returncode == 0 and second.wait(10).returncode == 0
+
+
+def test_control_commands_against_a_missing_socket_fail_cleanly(tmp_path: Path) -> None:
+    for cmd in (["stop"], ["suspend"], ["balloon", "1M"], ["disk", "resize", "0", "1M"]):
+        result = _control(*cmd, str(tmp_path / "gone.sock"))
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
