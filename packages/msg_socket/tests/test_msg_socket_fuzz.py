@@ -172,3 +172,60 @@ def memoryview_of(fds: list[int]) -> memoryview:
     import array
 
     return memoryview(array.array("i", fds))
+
+
+def _valid_values() -> st.SearchStrategy[Fuzzed]:
+    """Valid messages whose fd fields hold a placeholder int (encode only collects it; the
+    test sends fresh fds instead)."""
+    fd = st.just(0)
+    inner = st.builds(Inner, st.booleans(), st.sampled_from(Mode), st.one_of(st.none(), fd))
+    return st.one_of(
+        st.just(Empty()),
+        st.builds(
+            Numbers,
+            st.integers(0, 255),
+            st.integers(0, 65535),
+            st.integers(-(2**31), 2**31 - 1),
+            st.integers(0, 2**64 - 1),
+            st.binary(min_size=5, max_size=5),
+        ),
+        st.builds(Nested, inner, st.tuples(inner, inner), fd),
+        st.builds(
+            WithEvent,
+            st.one_of(st.none(), fd),
+            st.one_of(st.none(), fd),
+            st.tuples(st.booleans(), st.booleans(), st.booleans()),
+        ),
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=_valid_values(),
+    flip=st.one_of(st.none(), st.tuples(st.integers(0, SIZE - 1), st.integers(1, 255))),
+    fd_delta=st.sampled_from([0, 0, 0, -1, 1]),
+)
+def test_decode_mutated_valid_messages(
+    value: Fuzzed, flip: tuple[int, int] | None, fd_delta: int
+) -> None:
+    """Valid encodings, sometimes with one byte changed or one fd too few/many: a mutation
+    that still decodes must re-encode canonically, a failure must close every fd (including
+    the ones already turned into EventFd/socket objects)."""
+    # count the placeholder fds, then hand the decoder fresh ones instead
+    data, placeholders = encode(Fuzzed, value)
+    nfds = max(0, len(placeholders) + fd_delta)
+    if flip is not None:
+        buf = bytearray(data)
+        buf[flip[0]] ^= flip[1]
+        data = bytes(buf)
+    before = fd_count()
+    # eventfds work for every fd field (RawFd, OwnedFd, EventFd); sockets would not be eventfds
+    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+    try:
+        got = decode(Fuzzed, data, fds)
+    except MsgError:
+        pass
+    else:
+        assert encode(Fuzzed, got)[0] == data
+        close_value(got)
+    assert fd_count() == before
