@@ -430,3 +430,15 @@ def test_start_input_after_close_fails(serial: Serial) -> None:
 def test_invalid_buffer_limit(evt: FakeEvent) -> None:
     with pytest.raises(ValueError):
         Serial(evt, None, output_buffer_limit=0)
+
+
+def test_closed_interrupt_event_does_not_raise() -> None:
+    from sys_util import EventFd
+
+    irq = EventFd()
+    s = Serial(irq, None)
+    irq.close()
+    wr(s, IER, 0x03)  # would pulse: the closed eventfd is reported, not raised
+    assert s.queue_input_bytes(b"a") == 1
+    assert rd(s, IIR) == 0x04
+    s.close()

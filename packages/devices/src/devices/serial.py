@@ -260,6 +260,7 @@ class Serial:
         self._fifo64 = False
         self._thre_pending = False
         self._rx: deque[int] = deque()
+        self._irq_failed = False
 
         # Output buffering.
         self._tx_buf = bytearray()
@@ -323,7 +324,17 @@ class Serial:
                 for i, value in enumerate(data):
                     trigger |= self._write_reg(offset + i, value)
         if trigger:
+            self._pulse()
+
+    def _pulse(self) -> None:
+        """Raise the (edge) interrupt. Never raises: an interrupt event closed during teardown
+        must not kill the vCPU or input thread that happened to be delivering it."""
+        try:
             self._interrupt_evt.write(1)
+        except OSError as e:
+            if not self._irq_failed:
+                self._irq_failed = True
+                _log.warning("%s: cannot raise the interrupt: %s", self._label, e)
 
     # -- register model (called with the lock held) ---------------------------------------------
 
@@ -481,7 +492,7 @@ class Serial:
             n = self._accept_input(data)
             trigger = n > 0 and bool(self._ier & _IER_RDA)
         if trigger:
-            self._interrupt_evt.write(1)
+            self._pulse()
         return n
 
     def _accept_input(self, data: bytes) -> int:
@@ -515,7 +526,7 @@ class Serial:
                 return done  # closed
             done += n
             if trigger:
-                self._interrupt_evt.write(1)
+                self._pulse()
         return done
 
     def start_input(self, fd: int) -> None:
