@@ -197,3 +197,68 @@ def test_pci_device_placement() -> None:
         gsi = rvm.irq_router.allocate_gsi()  # MSI-X routes coexist with the legacy table
         rvm.irq_router.set_msi_route(gsi, 0xFEE0_0000, 0x30)
     assert device.closed
+
+
+class _FakePci:
+    """A PCI function with one 4 KiB BAR whose ioevents KVM will refuse (or not)."""
+
+    def __init__(self, bad_ioevent: bool) -> None:
+        from devices.irq import IoEvent
+
+        self.bad = bad_ioevent
+        self.evt = EventFd()
+        self.bar = 0
+        self.irq: tuple[int, int] | None = None
+        self.closed = False
+        self._ioevent = IoEvent
+
+    def debug_label(self) -> str:
+        return "fake-pci"
+
+    def read_config_register(self, reg_idx: int) -> int:
+        return 0x1234_5678 if reg_idx == 0 else 0
+
+    def write_config_register(self, reg_idx: int, offset: int, data: bytes) -> None:
+        pass
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+    def allocate_bars(self, allocator):  # type: ignore[no-untyped-def]
+        from devices.pci import PciBar
+
+        self.bar = allocator(0x1000, 0x1000)
+        return [PciBar(0, self.bar, 0x1000)]
+
+    def ioevents(self):  # type: ignore[no-untyped-def]
+        good = self._ioevent(self.evt, self.bar + 0x100)
+        if self.bad:  # a datamatch needs a length: KVM/kvm refuses this one
+            return [good, self._ioevent(self.evt, self.bar + 0x200, datamatch=1, length=3)]
+        return [good]
+
+    def assign_irq(self, irq_evt, resample_evt, line, pin):  # type: ignore[no-untyped-def]
+        self.irq = (line, pin)
+
+    def close(self) -> None:
+        self.closed = True
+        self.evt.close()
+
+
+@pytest.mark.kvm
+def test_failed_pci_placement_is_undone() -> None:
+    with build_vm(VmConfig(memory_size=16 * MIB, kernel=serial_hello_guest())) as rvm:
+        bad = _FakePci(bad_ioevent=True)
+        with pytest.raises(ValueError):
+            rvm.add_pci_device(bad)
+        assert rvm.mmio_bus.get_device(bad.bar) is None
+        assert rvm.mmio_allocator.allocations() == []
+        assert rvm.pci_devices == [] and rvm.pci_irqs == []
+        good = _FakePci(bad_ioevent=False)
+        address = rvm.add_pci_device(good)  # the undone ioevent/irqfd registrations left no trace
+        assert good.bar == bad.bar and good.irq == (16 + address.device - 1, 1)
+        assert rvm.mmio_bus.get_device(good.bar) is not None
+        bad.close()
+    assert good.closed

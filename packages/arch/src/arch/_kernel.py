@@ -43,8 +43,8 @@ class LoadedKernel:
         protocol_version: boot protocol version (0x20c for 2.12), ``None`` for ELF.
         cmdline_limit: longest command line the kernel accepts, without the NUL.
         initrd_addr_max: highest address the initrd may occupy.
-        kernel_alignment: ``setup_header.kernel_alignment`` (0x20_0000 assumed for ELF... the
-            field only matters to the decompressor, so an ELF kernel reports 0x100_0000 as crosvm).
+        kernel_alignment: ``setup_header.kernel_alignment`` for a bzImage. An ELF kernel has no
+            header; 0x100_0000 is reported (and written to the zero page), as crosvm does.
         pvh_entry: the 32-bit PVH entry from an ELF ``Xen`` note (XEN_ELFNOTE_PHYS32_ENTRY),
             recorded for information; we always enter in 64-bit mode.
     """

@@ -216,6 +216,8 @@ class RunnableVm:
             bars = device.allocate_bars(bar_allocator)
             for bar in bars:
                 undo.callback(self.mmio_allocator.release, bar.address)
+            # Last step that can fail before KVM state changes; PciRoot has no removal, so a
+            # failure below leaves an inert function in config space (its BARs unmapped).
             address = self.pci_root.add_device(device)
             gsi = PCI_INTX_GSIS[(address.device - 1) % len(PCI_INTX_GSIS)]
             irq_evt, resample_evt = EventFd(), EventFd()
@@ -223,7 +225,9 @@ class RunnableVm:
             undo.callback(resample_evt.close)
             for bar in bars:
                 self.mmio_bus.insert(device, bar.address, bar.size)
+                undo.callback(self.mmio_bus.remove, bar.address)
             self.vm.register_irqfd(irq_evt, gsi, resample_evt)
+            undo.callback(self.vm.unregister_irqfd, irq_evt, gsi)
             device.assign_irq(irq_evt, resample_evt, gsi, _PCI_INTA)
             for ioevent in device.ioevents():
                 where: IoEventAddress.Pio | IoEventAddress.Mmio = (
@@ -231,7 +235,9 @@ class RunnableVm:
                     if ioevent.pio
                     else IoEventAddress.Mmio(ioevent.address)
                 )
-                self.vm.register_ioevent(ioevent.event, where, ioevent.datamatch, ioevent.length)
+                args = (ioevent.event, where, ioevent.datamatch, ioevent.length)
+                self.vm.register_ioevent(*args)
+                undo.callback(self.vm.unregister_ioevent, *args)
             undo.pop_all()
         self._resources.callback(irq_evt.close)
         self._resources.callback(resample_evt.close)
