@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import kvm
+import kvm_sys
 from kvm.testing import Machine, setup_long_mode, setup_real_mode
 
 pytestmark = pytest.mark.kvm
@@ -152,3 +153,15 @@ def test_shutdown_on_triple_fault(vmm_2m: Machine) -> None:
     with vmm_2m.vm.create_vcpu(0) as vcpu:
         setup_long_mode(vcpu, vmm_2m.ram, 0x10000, user=True)
         assert vcpu.run() == kvm.Shutdown()
+
+
+def test_exit_cache_stays_bounded_for_ever_new_values(vmm: Machine) -> None:
+    from kvm._vcpu import _CACHE_LIMIT, _EXIT_CACHE
+
+    vmm.ram.write(0x1000, bytes.fromhex("40e710ebfb"))  # 1: inc %ax; out %ax,$0x10; jmp 1b
+    with vmm.vm.create_vcpu(0) as vcpu:
+        setup_real_mode(vcpu, 0x1000)
+        for i in range(1, _CACHE_LIMIT + 600):
+            assert vcpu.run() == kvm.IoOut(0x10, 2, 1, (i & 0xFFFF).to_bytes(2, "little"))
+            assert len(_EXIT_CACHE) <= _CACHE_LIMIT
+        assert _EXIT_CACHE[kvm_sys.KVM_EXIT_HLT] == kvm.Hlt()  # pinned entries survive
