@@ -285,3 +285,20 @@ def test_fds_beyond_the_receive_buffer_are_reported_and_closed(
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.usefixtures("no_fd_leak")
+def test_socket_level_timeouts_of_a_unix_seqpacket_are_obeyed() -> None:
+    from sys_util import UnixSeqpacket
+
+    x, y = UnixSeqpacket.pair()
+    x.set_read_timeout(0.05)
+    a: MsgSocket[Request, Response] = MsgSocket(x, Request, Response)
+    b: MsgSocket[Response, Request] = MsgSocket(y, Response, Request)
+    with a, b:
+        with pytest.raises(Timeout) as e:
+            a.recv()
+        assert e.value.seconds == pytest.approx(0.05, abs=0.01)  # kernel rounds to ticks
+        b.send(Pong(1))
+        assert a.recv() == Pong(1)
+    assert x.closed and y.closed  # the MsgSockets owned them

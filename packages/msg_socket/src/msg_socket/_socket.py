@@ -14,6 +14,7 @@ import importlib
 import os
 import select
 import socket
+import struct
 import time
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -55,7 +56,8 @@ class MsgSocket(Generic[S, R]):
         send_type: the message type sent (a :class:`~msg_socket.Msg` subclass, a
             :class:`~msg_socket.TaggedUnion`, or :class:`~msg_socket.Unit`).
         recv_type: the message type received.
-        send_timeout, recv_timeout: default timeouts in seconds (None: block).
+        send_timeout, recv_timeout: default timeouts in seconds (None: block, or obey the
+            socket's own SO_SNDTIMEO/SO_RCVTIMEO if it has them).
     """
 
     def __init__(
@@ -145,6 +147,11 @@ class MsgSocket(Generic[S, R]):
             if deadline is not None and time.monotonic() >= deadline:
                 raise Timeout(op, timeout)
 
+    def _sockopt_timeout(self, opt: int) -> float:
+        """The socket-level timeout (``set_read_timeout`` etc. of sys_util.UnixSeqpacket)."""
+        sec, usec = struct.unpack("@ll", self._sock.getsockopt(socket.SOL_SOCKET, opt, 16))
+        return float(sec + usec / 1e6)
+
     def send(self, msg: S, *, timeout: float | _Default | None = _DEFAULT) -> None:
         """Send one message (and the fds it carries, by SCM_RIGHTS; they stay open here).
 
@@ -166,6 +173,8 @@ class MsgSocket(Generic[S, R]):
                 self._sock.sendmsg([data], anc, flags)
                 return
             except BlockingIOError:
+                if t is None:  # SO_SNDTIMEO set on the socket itself expired
+                    raise Timeout("send", self._sockopt_timeout(socket.SO_SNDTIMEO)) from None
                 continue
             except InterruptedError:
                 continue
@@ -196,7 +205,11 @@ class MsgSocket(Generic[S, R]):
                     flags | (socket.MSG_DONTWAIT if t is not None else 0),
                 )
                 break
-            except (BlockingIOError, InterruptedError):
+            except BlockingIOError:
+                if t is None:  # SO_RCVTIMEO set on the socket itself expired
+                    raise Timeout("recv", self._sockopt_timeout(socket.SO_RCVTIMEO)) from None
+                continue
+            except InterruptedError:
                 continue
             except OSError as e:
                 if e.errno == _errno.EBADF and self.closed:
