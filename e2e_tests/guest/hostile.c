@@ -86,6 +86,43 @@ static void run_case(struct blk *b, const char *name) {
         set(q, r + 1, (u64)buf, 4096, N | W, r + 2);
         set(q, r + 2, (u64)status, 1, W, 0);
         publish(q, r);
+    } else if (!strcmp(name, "ro-status")) {
+        set(q, r, (u64)hdr, 16, N, r + 1);
+        set(q, r + 1, (u64)buf, 4096, N | W, r + 2);
+        set(q, r + 2, (u64)status, 1, 0, 0); /* status must be device-writable */
+        publish(q, r);
+    } else if (!strcmp(name, "bad-head")) {
+        q->token[0] = VQ_RAW_TOKEN;
+        q->avail->ring[q->avail_idx & (q->size - 1)] = (u16)(q->size + 7); /* no such descriptor */
+        q->avail_idx++;
+        barrier();
+        q->avail->idx = q->avail_idx;
+        vq_kick(q);
+    } else if (!strcmp(name, "avail-overrun")) {
+        set(q, r, (u64)hdr, 16, N, r + 1);
+        set(q, r + 1, (u64)buf, 4096, N | W, r + 2);
+        set(q, r + 2, (u64)status, 1, W, 0);
+        for (u16 k = 0; k < q->size; k++) q->avail->ring[k] = r;
+        q->token[r] = VQ_RAW_TOKEN;
+        q->avail_idx = (u16)(q->avail_idx + q->size + 5); /* more entries than the ring holds */
+        barrier();
+        q->avail->idx = q->avail_idx;
+        vq_kick(q);
+    } else if (!strcmp(name, "nested-indirect")) {
+        struct vring_desc *inner = alloc(16 * 3, 64), *outer = alloc(16 * 2, 64);
+        inner[0] = (struct vring_desc){(u64)hdr, 16, N, 1};
+        inner[1] = (struct vring_desc){(u64)buf, 4096, N | W, 2};
+        inner[2] = (struct vring_desc){(u64)status, 1, W, 0};
+        outer[0] = (struct vring_desc){(u64)inner, 48, VRING_DESC_F_INDIRECT, 0}; /* forbidden */
+        set(q, r, (u64)outer, 16, VRING_DESC_F_INDIRECT, 0);
+        publish(q, r);
+    } else if (!strcmp(name, "indirect-odd-len")) {
+        struct vring_desc *t = alloc(16 * 3, 64);
+        t[0] = (struct vring_desc){(u64)hdr, 16, N, 1};
+        t[1] = (struct vring_desc){(u64)buf, 4096, N | W, 2};
+        t[2] = (struct vring_desc){(u64)status, 1, W, 0};
+        set(q, r, (u64)t, 16 * 3 - 5, VRING_DESC_F_INDIRECT, 0); /* not a multiple of 16 */
+        publish(q, r);
     } else if (!strcmp(name, "queue-mmio")) {
         /* re-place queue 0's descriptor table over the device's own MMIO (its common config) */
         virtio_reset(b->d);
@@ -121,7 +158,10 @@ static void run_case(struct blk *b, const char *name) {
     }
     int needs_reset = (virtio_status(b->d) & VS_NEEDS_RESET) != 0;
     int survived = 0, reset = 0;
-    if (!needs_reset && strcmp(name, "queue-mmio")) survived = valid_read(b, tsc_ms(2000));
+    /* the ring indices are no longer trustworthy after these: go straight to a reset */
+    int ring_broken = !strcmp(name, "queue-mmio") || !strcmp(name, "avail-overrun") ||
+                      !strcmp(name, "bad-head");
+    if (!needs_reset && !ring_broken) survived = valid_read(b, tsc_ms(2000));
     if (!survived) {
         reset = 1;
         if (blk_setup(b) == 0) survived = valid_read(b, tsc_ms(5000));
@@ -131,8 +171,10 @@ static void run_case(struct blk *b, const char *name) {
 }
 
 void sc_hostile(void) {
-    static const char *cases[] = {"desc-oob", "len-overflow", "chain-loop", "chain-10k",
-                                  "wo-header", "queue-mmio"};
+    static const char *cases[] = {"desc-oob",   "len-overflow",    "chain-loop",
+                                  "chain-10k",  "wo-header",       "ro-status",
+                                  "bad-head",   "avail-overrun",   "nested-indirect",
+                                  "indirect-odd-len", "queue-mmio"};
     struct blk *b = blk_open((int)cmdline_u64("disk", 0));
     hdr = alloc(sizeof(*hdr), 16);
     status = alloc(64, 64);
