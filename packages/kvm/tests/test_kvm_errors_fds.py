@@ -93,7 +93,7 @@ def test_errors_pickle() -> None:
 
 
 def _assert_all_ebadf(calls: dict[str, Callable[[], object]]) -> None:
-    bad = {}
+    bad: dict[str, object] = {}
     for name, call in calls.items():
         try:
             call()

@@ -139,11 +139,15 @@ def test_immediate_exit(vmm: Machine) -> None:
     vmm.ram.write(0x1000, bytes.fromhex("e610ebfc"))
     with vmm.vm.create_vcpu(0) as vcpu:
         setup_real_mode(vcpu, 0x1000)
-        assert vcpu.immediate_exit is False
+
+        def flag() -> bool:
+            return vcpu.immediate_exit
+
+        assert flag() is False
         vcpu.immediate_exit = True
-        assert vcpu.immediate_exit is True
+        assert flag() is True
         assert vcpu.run() == kvm.Intr()
-        assert vcpu.immediate_exit is False  # consumed by the Intr
+        assert flag() is False  # consumed by the Intr
         assert vcpu.run() == kvm.IoOut(0x10, 1, 1, b"\x00")
 
 

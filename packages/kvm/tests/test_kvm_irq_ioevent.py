@@ -76,7 +76,12 @@ def test_irqfd_delivers_msi_to_a_halted_guest(vmm_irqchip: Machine) -> None:
             vmm_irqchip.vm.set_gsi_routing([kvm.IrqRouteMsi(5, MSI_ADDRESS, VECTOR)])
             vmm_irqchip.vm.register_irqfd(_Fileno(evt), 5)
             started = threading.Event()
-            timer = threading.Timer(0.2, lambda: started.wait() and os.eventfd_write(evt, 1))
+
+            def fire() -> None:
+                started.wait()
+                os.eventfd_write(evt, 1)
+
+            timer = threading.Timer(0.2, fire)
             timer.start()
             try:
                 exit_ = _run_with_watchdog(vcpu, started)

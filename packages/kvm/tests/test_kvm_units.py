@@ -78,7 +78,8 @@ def test_exits_are_frozen_values() -> None:
 
 
 def test_ioevent_addresses_and_routes() -> None:
-    assert kvm.IoEventAddress.Pio(0x60) != kvm.IoEventAddress.Mmio(0x60)
+    assert kvm.IoEventAddress.Pio(0x60) == kvm.IoEventAddress.Pio(0x60)
+    assert kvm.IoEventAddress.Mmio(0x60) != kvm.IoEventAddress.Mmio(0x61)
     assert kvm.IrqRouteMsi(24, 0xFEE00000, 0x41).data == 0x41
     assert kvm.IrqRouteIrqchip(4, 2, 4).pin == 4
 

@@ -252,7 +252,7 @@ class Vcpu:
             return Hlt() if reason == kvm_sys.KVM_EXIT_HLT else Shutdown()
         return Unknown(reason, int(snap.hw.hardware_exit_reason))
 
-    def set_io_in_data(self, data: bytes) -> None:
+    def set_io_in_data(self, data: bytes | bytearray | memoryview) -> None:
         """Answer the pending :class:`IoIn`: exactly ``size * count`` bytes."""
         if type(data) is not bytes:
             data = bytes(data)
@@ -261,7 +261,7 @@ class Vcpu:
         if r < 0:
             self._reply_error(-r, "IoIn")
 
-    def set_mmio_read_data(self, data: bytes) -> None:
+    def set_mmio_read_data(self, data: bytes | bytearray | memoryview) -> None:
         """Answer the pending :class:`MmioRead`: exactly ``size`` bytes."""
         if type(data) is not bytes:
             data = bytes(data)
