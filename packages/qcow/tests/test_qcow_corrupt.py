@@ -225,3 +225,26 @@ def test_short_file(tmp_path: Path) -> None:
     p.write_bytes(b"")
     with pytest.raises(qcow.InvalidImage):
         QcowFile.open(p)
+
+
+@pytest.mark.parametrize("target", ["refcount table", "L1 table", "L2 table", "refcount block"])
+def test_data_cluster_aliasing_metadata_is_never_written(image: Path, target: str) -> None:
+    """A COPIED entry pointing at metadata (refcount 1) must not be written through."""
+    l2 = _l2_offset(image)
+    where = {
+        "refcount table": _read_u64(image, 48),
+        "L1 table": _read_u64(image, 40),
+        "L2 table": l2,
+        "refcount block": _read_u64(image, _read_u64(image, 48)),
+    }[target]
+    _patch(image, l2 + 8, ">Q", (1 << 63) | where)
+    before = _digest(image)
+    with QcowFile.open(image, writable=True) as q:
+        with pytest.raises(qcow.CorruptImage, match="metadata"):
+            q.write_at(b"\xff" * 512, CS)
+        with pytest.raises(qcow.CorruptImage, match="metadata"):
+            q.write_at(b"\xff" * 3 * CS, 0)
+        assert _digest(image) == before
+        q.write_at(b"\x01" * 10, 2 * CS)  # elsewhere writes still work
+        assert q.read_at(2 * CS, 10) == b"\x01" * 10
+    assert _digest(image) != before

@@ -115,6 +115,7 @@ class QcowFile:
         self._rb: LruCache[int, RefBlock] = LruCache(max(64, _RB_CACHE_BYTES >> cb))
         self._zc_host = -1
         self._zc_data = b""
+        self._meta: set[int] = set()
         self._load_tables()
 
     # ------------------------------------------------------------------ construction
@@ -230,6 +231,48 @@ class QcowFile:
                 raise CorruptImage(f"refcount table entry {i} is misaligned", e)
             if e & self._cmask or e < cs or e + cs > self._file_end:
                 raise CorruptImage(f"refcount table entry {i} points outside the image", e)
+        self._collect_metadata()
+
+    def _collect_metadata(self) -> None:
+        """Note every metadata cluster, so no data write can ever land on one.
+
+        A hostile image can point a data cluster (COPIED, refcount 1) at its own refcount table
+        or at a snapshot's L1 table; writing through it would corrupt the image, so such writes
+        are refused and allocation never hands these clusters out.
+        """
+        hdr, cb, cs, fd = self._hdr, self._cb, self._cs, self._fd
+        meta = {0}
+
+        def span(off: int, length: int) -> None:
+            if length > 0:
+                meta.update(range(off >> cb, ((off + length - 1) >> cb) + 1))
+
+        span(hdr.l1_table_offset, hdr.l1_size * 8)
+        span(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
+        meta.update(e >> cb for e in self._reftable if e)
+        meta.update((e & OFFSET_MASK) >> cb for e in self._l1 if e & OFFSET_MASK)
+        pos = hdr.snapshots_offset
+        for _ in range(hdr.nb_snapshots):
+            fixed = os.pread(fd, 40, pos)
+            if len(fixed) != 40:
+                break
+            l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", fixed)
+            (extra,) = struct.unpack_from(">I", fixed, 36)
+            pos += 40 + extra + id_len + name_len
+            pos += -pos % 8
+            if l1_size * 8 > H.MAX_L1_BYTES or l1_off % cs:
+                continue
+            span(l1_off, l1_size * 8)
+            raw = os.pread(fd, l1_size * 8, l1_off)
+            table = decode_u64_table(raw[: len(raw) // 8 * 8])
+            meta.update((e & OFFSET_MASK) >> cb for e in table if e & OFFSET_MASK)
+        if hdr.nb_snapshots:
+            span(hdr.snapshots_offset, pos - hdr.snapshots_offset)
+        for ext in hdr.extensions:
+            if ext.kind == H.EXT_BITMAPS and len(ext.data) >= 24:
+                _, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
+                span(dir_off, min(dir_size, 1 << 26))
+        self._meta = meta
 
     # ------------------------------------------------------------------ fd protocol
 
@@ -573,6 +616,8 @@ class QcowFile:
                 raise CorruptImage(f"L2 entry for guest offset {cl << cb:#x} is invalid", e)
             if host:
                 self._check_host(host, e, cl << cb)
+                if (host >> cb) in self._meta:
+                    raise CorruptImage("a data cluster overlaps image metadata", host)
                 if e & COPIED and self._get_refcount(host >> cb) == 0:
                     raise CorruptImage("allocated cluster has refcount 0", host)
 
@@ -719,6 +764,7 @@ class QcowFile:
             host, length = self._compressed_range(e)
             for c in range(host >> self._cb, (host + length - 1 >> self._cb) + 1):
                 self._pending_free.append(c)
+            self._zc_host = -1
             return
         host = e & OFFSET_MASK
         if host:
@@ -836,6 +882,7 @@ class QcowFile:
         cs, cb = self._cs, self._cb
         nclusters = -(-(entries * 8) // cs)
         first = self._alloc_contiguous(nclusters)
+        self._meta.update(range(first, first + nclusters))
         new_l1 = array("Q", self._l1)
         new_l1.extend([0] * (entries - len(self._l1)))
         self._persist_refcounts(force_sync=True)
@@ -953,6 +1000,7 @@ class QcowFile:
             self._pending_free.append(off >> self._cb)
         self._l2_put(new_off, table)
         self._l2.dirty.add(new_off)
+        self._meta.add(new_off >> self._cb)
         self._l1[l1i] = new_off | COPIED
         self._l1_dirty.add(l1i)
         return table
@@ -1009,14 +1057,7 @@ class QcowFile:
 
     def _protected(self, c: int) -> bool:
         """Clusters allocation never hands out, whatever the refcounts claim."""
-        if c == 0:
-            return True
-        cb, hdr = self._cb, self._hdr
-        l1 = hdr.l1_table_offset >> cb
-        if hdr.l1_size and l1 <= c < l1 + -(-(hdr.l1_size * 8) // self._cs):
-            return True
-        rt = hdr.refcount_table_offset >> cb
-        return rt <= c < rt + hdr.refcount_table_clusters
+        return c in self._meta
 
     def _alloc(self) -> int:
         """Allocate one cluster (refcount 0 -> 1); returns its cluster index."""
@@ -1077,6 +1118,7 @@ class QcowFile:
         self._rb_put(ti, rb)
         self._rb.dirty.add(ti)
         self._reftable[ti] = place << self._cb
+        self._meta.add(place)
         self._reftable_dirty.add(ti)
         self._file_end = max(self._file_end, (place + 1) << self._cb)
         return rb
@@ -1123,6 +1165,7 @@ class QcowFile:
             self._rb.dirty.add(i)
         for c in range(start, start + t + b):
             self._add_refcount(c, 1)
+            self._meta.add(c)
         self._file_end = max(self._file_end, (start + t + b) << cb)
         # persist: blocks, then the table, then the header switch
         self._persist_refcounts(force_sync=True, skip_table=True)
@@ -1135,7 +1178,8 @@ class QcowFile:
         self._sync()
         self._reftable_dirty.clear()
         for c in range(old_off >> cb, (old_off >> cb) + old_clusters):
-            self._add_refcount(c, -1)
+            if self._add_refcount(c, -1) == 0:
+                self._meta.discard(c)
             self._hint = min(self._hint, c)
 
     # ------------------------------------------------------------------ metadata write-back
@@ -1197,10 +1241,9 @@ class QcowFile:
                 if self._get_refcount(c) == 0:
                     continue  # a corrupt image: never underflow
                 if self._add_refcount(c, -1) == 0:
+                    self._meta.discard(c)
                     if c < self._hint:
                         self._hint = c
-                    if c == self._zc_host >> self._cb:
-                        self._zc_host = -1
 
     # ------------------------------------------------------------------ header
 
