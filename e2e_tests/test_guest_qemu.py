@@ -6,15 +6,37 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
-from fixture import Disk, GuestConfig, GuestResult, HostProfile, launch, run_guest
+from fixture import (
+    Disk,
+    GuestConfig,
+    GuestResult,
+    GuestVm,
+    HostProfile,
+    build_guest,
+    crosvm_command,
+    launch,
+    parse_results,
+    qemu_command,
+    run_guest,
+)
+from fixture.errors import GuestTimeout, Unsupported
 
-pytestmark = [pytest.mark.qemu, pytest.mark.kvm]
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def vm(test: F) -> F:
+    """Marks a test that boots the guest under QEMU with KVM."""
+    marked: F = pytest.mark.qemu(pytest.mark.kvm(test))
+    return marked
 
 
 def _run(cfg: GuestConfig, prof: HostProfile, timeout: float = 30.0) -> GuestResult:
@@ -32,6 +54,7 @@ def _image(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
+@vm
 def test_hello(host_profile: HostProfile) -> None:
     res = _run(GuestConfig("hello"), host_profile)
     hello = res.find("hello")
@@ -40,12 +63,14 @@ def test_hello(host_profile: HostProfile) -> None:
     assert res.returncode == 0  # -no-reboot: the i8042 reset ends QEMU cleanly
 
 
+@vm
 def test_unknown_scenario_fails(host_profile: HostProfile) -> None:
     res = run_guest(GuestConfig("no-such-thing"), timeout=host_profile.scale(30), check=False)
     assert res.status == "fail"
     assert "unknown-scenario" in res.find("status")["reason"]
 
 
+@vm
 def test_cpuid(host_profile: HostProfile) -> None:
     c = _run(GuestConfig("cpuid"), host_profile).find("cpuid_vendor")
     assert c["cpuid_vendor"] in ("GenuineIntel", "AuthenticAMD")
@@ -53,6 +78,7 @@ def test_cpuid(host_profile: HostProfile) -> None:
     assert int(c["leaf1_edx"], 16) & (1 << 4)  # TSC
 
 
+@vm
 def test_rtc_matches_host_clock(host_profile: HostProfile) -> None:
     before = time.time()
     rtc = int(_run(GuestConfig("rtc"), host_profile).find("rtc_epoch")["rtc_epoch"])
@@ -60,6 +86,7 @@ def test_rtc_matches_host_clock(host_profile: HostProfile) -> None:
     assert before - 3 <= rtc <= after + 3
 
 
+@vm
 def test_speed_probe(host_profile: HostProfile) -> None:
     s = _run(GuestConfig("speed"), host_profile).find("speed")
     assert int(s["cpl3_ips"]) > int(s["cpl0_ips"]) > 0
@@ -68,6 +95,7 @@ def test_speed_probe(host_profile: HostProfile) -> None:
     assert emulating == host_profile.emulating
 
 
+@vm
 def test_serial_echo(host_profile: HostProfile) -> None:
     with launch(GuestConfig("serial-echo")) as vm:
         vm.wait_for("READY serial-echo", host_profile.scale(30))
@@ -77,6 +105,7 @@ def test_serial_echo(host_profile: HostProfile) -> None:
     assert res.find("serial_lines")["serial_lines"] == "2"
 
 
+@vm
 def test_pci_list(host_profile: HostProfile, tmp_path: Path) -> None:
     img = _image(tmp_path / "d.img", 1 << 20)
     res = _run(GuestConfig("pci-list", disks=(Disk(img),), rng=True), host_profile)
@@ -88,6 +117,7 @@ def test_pci_list(host_profile: HostProfile, tmp_path: Path) -> None:
     assert any(k.startswith("bar") for k in blk)
 
 
+@vm
 @pytest.mark.parametrize("irq", ["poll", "msix", "intx"])
 def test_blk_read_sha256(host_profile: HostProfile, tmp_path: Path, irq: str) -> None:
     img = _image(tmp_path / "d.img", 3 * (1 << 20) + 4096, seed=7)
@@ -98,6 +128,7 @@ def test_blk_read_sha256(host_profile: HostProfile, tmp_path: Path, irq: str) ->
     assert int(r["bytes"]) == img.stat().st_size
 
 
+@vm
 @pytest.mark.parametrize("irq", ["msix", "intx"])
 def test_interrupts_delivered(host_profile: HostProfile, tmp_path: Path, irq: str) -> None:
     img = _image(tmp_path / "d.img", 1 << 20)
@@ -108,6 +139,7 @@ def test_interrupts_delivered(host_profile: HostProfile, tmp_path: Path, irq: st
     assert int(r["interrupts"]) > 0
 
 
+@vm
 def test_blk_write_pattern(host_profile: HostProfile, tmp_path: Path) -> None:
     img = tmp_path / "w.img"
     img.write_bytes(b"\0" * (2 << 20))
@@ -119,6 +151,7 @@ def test_blk_write_pattern(host_profile: HostProfile, tmp_path: Path) -> None:
     assert img.read_bytes() != b"\0" * (2 << 20)
 
 
+@vm
 def test_blk_read_only_disk_refuses_write(host_profile: HostProfile, tmp_path: Path) -> None:
     img = _image(tmp_path / "ro.img", 1 << 20)
     before = img.read_bytes()
@@ -128,6 +161,7 @@ def test_blk_read_only_disk_refuses_write(host_profile: HostProfile, tmp_path: P
     assert img.read_bytes() == before
 
 
+@vm
 def test_blk_bench_short(host_profile: HostProfile, tmp_path: Path) -> None:
     img = tmp_path / "b.img"
     with open(img, "wb") as f:
@@ -144,6 +178,7 @@ def test_blk_bench_short(host_profile: HostProfile, tmp_path: Path) -> None:
         assert r["errors"] == "0" and int(r["ops"]) > 0
 
 
+@vm
 def test_rng_read(host_profile: HostProfile) -> None:
     r = _run(GuestConfig("rng-read", {"bytes": 32768}, rng=True), host_profile).find("rng_bytes")
     assert r["rng_bytes"] == "32768"
@@ -151,6 +186,7 @@ def test_rng_read(host_profile: HostProfile) -> None:
     assert 450 <= int(r["ones_permille"]) <= 550
 
 
+@vm
 def test_console_echo(host_profile: HostProfile) -> None:
     cfg = GuestConfig("console-echo", console_socket=Path("con.sock"))
     message = b"".join(b"line %d of the virtio console test\n" % i for i in range(200)) + b"END\n"
@@ -178,6 +214,7 @@ HOSTILE_CASES = [
 ]  # fmt: skip
 
 
+@vm
 @pytest.mark.parametrize("case", HOSTILE_CASES)
 def test_hostile_cases_run(host_profile: HostProfile, tmp_path: Path, case: str) -> None:
     """The guest's hostile requests are well-formed enough that QEMU (the reference) flags or
@@ -189,6 +226,7 @@ def test_hostile_cases_run(host_profile: HostProfile, tmp_path: Path, case: str)
     assert r["survived"] == "1"
 
 
+@vm
 def test_net_echo(host_profile: HostProfile) -> None:
     """virtio-net over QEMU's unix-datagram backend: frames never touch any network."""
     cfg = GuestConfig("net-echo", net_dgram=(Path("vmm.sock"), Path("test.sock")))
@@ -215,6 +253,7 @@ def test_net_echo(host_profile: HostProfile) -> None:
     assert r["net_rx"] == "65" and r["net_tx"] == "65" and r["bad"] == "0"
 
 
+@vm
 def test_balloon_self(host_profile: HostProfile) -> None:
     cfg = GuestConfig("balloon", {"pages": 512}, balloon=True)
     r = _run(cfg, host_profile).find("balloon_pages")
@@ -239,6 +278,7 @@ def _qmp(sock: socket.socket, command: str, **arguments: object) -> dict[str, ob
                 return dict(reply)
 
 
+@vm
 def test_balloon_host_target(host_profile: HostProfile) -> None:
     """The host sets a balloon target over QMP; the guest inflates to it and deflates after."""
     mem = 256
@@ -270,6 +310,7 @@ def test_balloon_host_target(host_profile: HostProfile) -> None:
     assert res.find("balloon_deflated")["balloon_deflated"] == "2048"
 
 
+@vm
 def test_hostile_all_cases_in_one_boot(host_profile: HostProfile, tmp_path: Path) -> None:
     img = _image(tmp_path / "h.img", 1 << 20)
     res = _run(GuestConfig("hostile", disks=(Disk(img),)), host_profile, timeout=60)
@@ -278,6 +319,7 @@ def test_hostile_all_cases_in_one_boot(host_profile: HostProfile, tmp_path: Path
     assert all(r["survived"] == "1" for r in rows)
 
 
+@vm
 def test_net_bench_frames_arrive(host_profile: HostProfile) -> None:
     """Guest transmit path at speed; the test drains its socket while the guest sends (a unix
     datagram receiver that falls behind makes QEMU hold the tx queue, by design)."""
@@ -321,6 +363,7 @@ def test_net_bench_frames_arrive(host_profile: HostProfile) -> None:
     assert len(seqs) > 1000 and seqs <= set(range(2000))
 
 
+@vm
 def test_vsock_echo(host_profile: HostProfile) -> None:
     if not os.path.exists("/dev/vhost-vsock"):
         pytest.skip("QEMU's virtio-vsock is vhost-vsock only and this host has no /dev/vhost-vsock")
@@ -343,6 +386,7 @@ def test_vsock_echo(host_profile: HostProfile) -> None:
     assert res.find("vsock_rx")["vsock_rx"] == str(len(message))
 
 
+@vm
 @pytest.mark.parametrize("cpus", [1, 2, 4])
 def test_smp_all_vcpus_report(host_profile: HostProfile, cpus: int) -> None:
     res = _run(GuestConfig("smp", {"cpus": cpus}, cpus=cpus), host_profile)
@@ -353,6 +397,7 @@ def test_smp_all_vcpus_report(host_profile: HostProfile, cpus: int) -> None:
     assert all(r["cpl"] == "3" for r in rows)
 
 
+@pytest.mark.kvm
 def test_linux64_entry_with_pycrosvm_arch(guest_elf: Path) -> None:
     """The other entry point: the Linux 64-bit boot protocol (long mode, rsi = zero page), as
     crosvm uses it. QEMU cannot enter an ELF that way, so pycrosvm's own ``arch.build_vm``
@@ -406,3 +451,80 @@ def test_linux64_entry_with_pycrosvm_arch(guest_elf: Path) -> None:
     assert res.find("boot")["boot"] == "linux64"
     assert 60 <= int(res.find("boot")["mem_mib"]) <= 64  # from the e820 map in the zero page
     assert abs(int(res.find("rtc_epoch")["rtc_epoch"]) - time.time()) < 5
+
+
+# ---- the fixture itself (no VM needed) ------------------------------------------------------
+
+
+def test_parse_results_lines_and_values() -> None:
+    text = "noise\r\nRESULT a=1 b=x=y flag\nGUEST x=1\n  RESULT not-at-start=1\nRESULT status=ok\n"
+    assert parse_results(text) == [{"a": "1", "b": "x=y", "flag": ""}, {"status": "ok"}]
+    res = GuestResult(argv=[], output=text, stderr="", returncode=0, seconds=0.0)
+    assert res.status == "ok" and res.find("a")["b"] == "x=y"
+    with pytest.raises(KeyError):
+        res.find("missing")
+
+
+def test_guest_result_check_raises_on_fail() -> None:
+    res = GuestResult([], "RESULT status=fail reason=boom\n", "", 0, 0.0)
+    with pytest.raises(Exception, match="boom"):
+        res.check()
+    with pytest.raises(Exception, match="status=None"):
+        GuestResult([], "no result lines", "", 1, 0.0).check()
+
+
+def test_cmdline_words_validated() -> None:
+    assert GuestConfig("x", {"a": 1, "b": "c"}).cmdline() == "scenario=x a=1 b=c"
+    for bad in ({"a b": 1}, {"a": "b c"}, {"": 1}, {"a=b": 1}):
+        with pytest.raises(ValueError):
+            GuestConfig("x", bad).cmdline()
+
+
+def test_vmm_command_lines_match(tmp_path: Path) -> None:
+    kernel = tmp_path / "guest.elf"
+    cfg = GuestConfig(
+        "blk-read-sha256", {"irq": "msix"}, mem_mib=512, cpus=2, rng=True,
+        disks=(Disk(tmp_path / "a.img", read_only=True), Disk(tmp_path / "b.img")),
+    )  # fmt: skip
+    q = qemu_command(kernel, cfg, qemu="qemu-system-x86_64")
+    assert q[q.index("-append") + 1] == "scenario=blk-read-sha256 irq=msix"
+    assert q[q.index("-m") + 1] == "512" and q[q.index("-smp") + 1] == "2"
+    assert "-no-reboot" in q and q[q.index("-serial") + 1] == "stdio"
+    drives = [q[i + 1] for i, a in enumerate(q) if a == "-drive"]
+    assert drives[0].endswith(",readonly=on") and "cache=none,aio=threads" in drives[1]
+    assert "virtio-rng-pci,disable-legacy=on" in q
+    c = crosvm_command(kernel, cfg)
+    assert c[:2] == ["crosvm", "run"] and c[-1] == str(kernel)
+    assert c[c.index("-p") + 1] == "scenario=blk-read-sha256 irq=msix"
+    assert c[c.index("-m") + 1] == "512" and c[c.index("-c") + 1] == "2"
+    assert c[c.index("-d") + 1] == str(tmp_path / "a.img")
+    assert c[c.index("--rwdisk") + 1] == str(tmp_path / "b.img")
+    assert "--no-balloon" in c and "--no-rng" not in c
+    with pytest.raises(Unsupported):
+        crosvm_command(kernel, GuestConfig("x", console_socket=tmp_path / "c"))
+
+
+def test_build_is_cached_by_source_hash(tmp_path: Path) -> None:
+    if not shutil.which("gcc") or not shutil.which("ld"):
+        pytest.skip("needs gcc and ld")
+    first = build_guest(cache_dir=tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert build_guest(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    data = first.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # ELF64
+    assert b"Xen\0" in data  # the PVH note
+    assert [p.name for p in (tmp_path / "guest").iterdir() if not p.name.startswith(".")] == [
+        first.parent.name
+    ]
+
+
+def test_guest_vm_kills_and_cleans_up_on_timeout() -> None:
+    with GuestVm(["sleep", "60"]) as proc:
+        workdir = proc.workdir
+        with pytest.raises(GuestTimeout):
+            proc.wait(0.2)
+        with pytest.raises(GuestTimeout):
+            proc.wait_for("never", 0.1)
+    assert proc.closed and proc.proc.returncode is not None
+    assert not workdir.exists()
+    proc.close()  # idempotent
