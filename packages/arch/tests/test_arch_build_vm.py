@@ -262,3 +262,24 @@ def test_failed_pci_placement_is_undone() -> None:
         assert rvm.mmio_bus.get_device(good.bar) is not None
         bad.close()
     assert good.closed
+
+
+@pytest.mark.kvm
+def test_pci_bus_option() -> None:
+    import struct
+
+    kernel = serial_hello_guest()
+    with build_vm(VmConfig(memory_size=16 * MIB, kernel=kernel)) as rvm:
+        assert rvm.pci_root is None
+        rvm.io_bus.write(0xCF8, struct.pack("<I", 0x8000_0000))
+        assert rvm.io_bus.read(0xCFC, 4) == b"\xff" * 4  # no config space: no PCI
+    with build_vm(VmConfig(memory_size=16 * MIB, kernel=kernel, pci_bus=True)) as rvm:
+        assert rvm.pci_root is not None and rvm.pci_devices == []
+        rvm.io_bus.write(0xCF8, struct.pack("<I", 0x8000_0000))
+        assert rvm.io_bus.read(0xCFC, 2) == b"\x86\x80"  # the host bridge
+    config = VmConfig(
+        memory_size=16 * MIB, kernel=kernel, pci_bus=False,
+        pci_devices=[lambda ctx: _FakePci(bad_ioevent=False)],
+    )  # fmt: skip
+    with pytest.raises(VmSetupError, match="pci_bus=False"):
+        build_vm(config)

@@ -135,6 +135,9 @@ class VmConfig:
         com_ports: COM ports from ``devices.serial.create_com_ports`` (the caller keeps owning
             them: :meth:`RunnableVm.close` does not close them).
         pci_devices: factories of PCI devices (owned by the VM once built).
+        pci_bus: whether the guest gets PCI config I/O (0xCF8) with a host bridge at 00:00.0;
+            default: only when there are PCI devices. A bus without devices still spares a
+            Linux guest its fallback probes for PCI BIOS (seconds when emulated).
         kvm: an open ``Kvm`` to use (the caller keeps owning it); default: open ``/dev/kvm``.
         memory: guest memory built from :func:`memory_layout` (default: created and owned).
     """
@@ -146,6 +149,7 @@ class VmConfig:
     cmdline: str | Cmdline = ""
     com_ports: Sequence[ComPort] = ()
     pci_devices: Sequence[PciDeviceFactory] = ()
+    pci_bus: bool | None = None
     kvm: Kvm | None = None
     memory: GuestMemory | None = None
 
@@ -200,13 +204,19 @@ class RunnableVm:
         """(Re)write the MP table (after adding PCI devices, before the guest boots)."""
         self.memory.write(MPTABLE_ADDR, build_mptable(self.vcpu_count, self.pci_irqs))
 
+    def enable_pci_bus(self) -> PciRoot:
+        """Create the PCI root (host bridge at 00:00.0) behind config I/O 0xCF8, once."""
+        if self.pci_root is None:
+            self.pci_root = PciRoot()
+            self.io_bus.insert(PciConfigIo(self.pci_root), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE)
+        return self.pci_root
+
     def add_pci_device(self, device: PlaceablePciDevice) -> PciAddress:
         """Place ``device``: BARs from the MMIO window onto the MMIO bus, config space behind
         0xCF8, INTx irqfd (with resample) on a GSI in 16-23, and its ioeventfds. Call before
         the guest boots (the MP table is rewritten)."""
-        if self.pci_root is None:
-            self.pci_root = PciRoot()
-            self.io_bus.insert(PciConfigIo(self.pci_root), PCI_CONFIG_IO_BASE, PCI_CONFIG_IO_SIZE)
+        self.enable_pci_bus()
+        assert self.pci_root is not None
         label = device.debug_label()
 
         def bar_allocator(size: int, alignment: int) -> int:
@@ -393,6 +403,10 @@ def _build(
         high_mmio_allocator=AddressAllocator(high_base, high_size),
     )
     stack.callback(rvm._resources.close)  # PCI devices added below are closed on failure too
+    if config.pci_bus is False and config.pci_devices:
+        raise VmSetupError("PCI devices", "pci_bus=False but PCI devices were given")
+    if config.pci_bus:
+        rvm.enable_pci_bus()
     context = VmContext(memory=memory, irq_router=irq_router, vm=vm)
     for factory in config.pci_devices:
         step("PCI device")
