@@ -283,3 +283,17 @@ def test_pci_bus_option() -> None:
     )  # fmt: skip
     with pytest.raises(VmSetupError, match="pci_bus=False"):
         build_vm(config)
+
+
+@pytest.mark.kvm
+def test_conflicting_com_ports_are_a_setup_error() -> None:
+    out = Collector()
+    a, b = _com1(out), _com1(out)
+    try:
+        config = VmConfig(memory_size=16 * MIB, kernel=serial_hello_guest(), com_ports=[a, b])
+        with pytest.raises(VmSetupError, match="serial COM1") as info:
+            build_vm(config)
+        assert "\n" not in str(info.value)
+    finally:
+        a.close()
+        b.close()

@@ -52,6 +52,7 @@ from arch.x86_64.mptable import MAX_CPUS, PciIrq, build_mptable
 from arch.x86_64.regs import configure_vcpu
 from devices.bus import Bus
 from devices.cmos import Cmos
+from devices.errors import Error as DevicesError
 from devices.i8042 import I8042, I8042_BASE, I8042_LENGTH
 from devices.irq import FileDescriptorLike, IoEvent, IrqRouter
 from devices.pci import (
@@ -285,7 +286,9 @@ def build_vm(config: VmConfig) -> RunnableVm:
 
     Raises:
         arch.errors.Error: a bad configuration or kernel (``KernelLoadError``,
-            ``MemoryLayoutError``, ``CmdlineError``...) or a failed KVM call (``VmSetupError``).
+            ``MemoryLayoutError``, ``CmdlineError``...), a failed KVM call or a device that
+            cannot be placed (``VmSetupError``). Exceptions raised by a PCI device factory
+            itself propagate unchanged. Nothing created is left open.
     """
     layout = memory_layout(config.memory_size)
     if not 1 <= config.vcpu_count <= MAX_CPUS:
@@ -298,6 +301,8 @@ def build_vm(config: VmConfig) -> RunnableVm:
             raise
         except OSError as err:
             raise VmSetupError(step.name, err.strerror or str(err)) from err
+        except DevicesError as err:  # e.g. two devices on one port range, PCI slots exhausted
+            raise VmSetupError(step.name, str(err)) from err
 
 
 def _build(
