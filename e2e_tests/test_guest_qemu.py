@@ -129,14 +129,19 @@ def test_blk_read_sha256(host_profile: HostProfile, tmp_path: Path, irq: str) ->
 
 
 @vm
+@pytest.mark.parametrize("wait", ["spin", "hlt"])
 @pytest.mark.parametrize("irq", ["msix", "intx"])
-def test_interrupts_delivered(host_profile: HostProfile, tmp_path: Path, irq: str) -> None:
+def test_interrupts_delivered(
+    host_profile: HostProfile, tmp_path: Path, irq: str, wait: str
+) -> None:
+    """Real interrupts through the CPL0 handler; with irq_wait=hlt the driver sleeps in `hlt`
+    between them, so every completion must have woken it (the LAPIC timer only bounds naps)."""
     img = _image(tmp_path / "d.img", 1 << 20)
-    res = _run(GuestConfig("irq", {"irq": irq}, disks=(Disk(img),)), host_profile)
-    r = res.find("irq_mode")
-    assert r["irq_mode"] == irq
-    assert r["ok"] == r["requests"]
-    assert int(r["interrupts"]) > 0
+    cfg = GuestConfig("irq", {"irq": irq, "irq_wait": wait, "count": 50}, disks=(Disk(img),))
+    r = _run(cfg, host_profile).find("irq_mode")
+    assert r["irq_mode"] == irq and r["hlt"] == ("1" if wait == "hlt" else "0")
+    assert r["ok"] == r["requests"] == "50"
+    assert int(r["interrupts"]) >= (50 if irq == "msix" else 1)
 
 
 @vm

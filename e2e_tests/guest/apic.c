@@ -28,3 +28,9 @@ void ioapic_route(u32 gsi, u8 vector, int level) {
     ioapic_write(0x11 + 2 * gsi, apic_id() << 24);
     ioapic_write(0x10 + 2 * gsi, lo);
 }
+
+void apic_timer_oneshot(u8 vector, u32 count) {
+    mmio_w32(LAPIC + 0x3E0, 0xB);    /* divide by 1 */
+    mmio_w32(LAPIC + 0x320, vector); /* one-shot, unmasked */
+    mmio_w32(LAPIC + 0x380, count);
+}

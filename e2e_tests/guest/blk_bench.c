@@ -100,8 +100,10 @@ void sc_irq(void) {
     u64 before = irq_count[b->q->vector];
     int n = (int)cmdline_u64("count", 16), ok = 0;
     for (int i = 0; i < n; i++) ok += blk_rw(b, VIRTIO_BLK_T_IN, (u64)i * 8, buf, 4096) == 0;
-    printf("RESULT irq_mode=%s vector=0x%x requests=%d ok=%d interrupts=%lu waited=%lu isr_bits=0x%lx\n",
+    printf("RESULT irq_mode=%s vector=0x%x requests=%d ok=%d interrupts=%lu waited=%lu "
+           "isr_bits=0x%lx hlt=%d timer_irqs=%lu\n",
            b->d->irq_mode == IRQ_MSIX ? "msix" : b->d->irq_mode == IRQ_INTX ? "intx" : "poll",
            b->q->vector, n, ok, (unsigned long)(irq_count[b->q->vector] - before),
-           (unsigned long)b->q->interrupts_waited, (unsigned long)irq_isr_bits[b->q->vector]);
+           (unsigned long)b->q->interrupts_waited, (unsigned long)irq_isr_bits[b->q->vector],
+           irq_wait_hlt, (unsigned long)irq_count[VEC_TIMER]);
 }

@@ -326,7 +326,7 @@ irq_common:
  * int $0x80 from CPL3: rax = function, arguments in rdi/rsi/rdx, result in rax.
  *   SYS_NOP:  round trip only.
  *   SYS_SPIN: dec/jnz loop of rdi iterations at CPL0 (the host-profile probe).
- *   SYS_HLT:  sti; hlt; cli  (wait for an interrupt at CPL0).
+ *   SYS_HLT:  if *rdi == rsi: sti; hlt; cli  (sleep until an interrupt).
  *   SYS_IN{B,W,L} / SYS_OUT{B,W,L}: port rdx, value rsi. The emulating host does not honour
  *   RFLAGS.IOPL for guest user mode (in/out at CPL3 raise #GP), so port I/O goes through here
  *   unless the guest found at boot that IOPL=3 works (see io_native in lib.c).
@@ -343,6 +343,10 @@ sys_spin:
     jnz 8b
     jmp 7f
 sys_hlt:
+    /* rdi = &counter, rsi = value seen: sleep only if no interrupt came since (IF is 0 here,
+     * and `sti; hlt` cannot be split by an interrupt, so no wake-up is lost) */
+    cmpq %rsi, (%rdi)
+    jne 7f
     sti
     hlt
     cli

@@ -134,5 +134,6 @@ void apic_init(void);
 u32 apic_id(void);
 void ioapic_route(u32 gsi, u8 vector, int level);
 void pic_mask_all(void);
+void apic_timer_oneshot(u8 vector, u32 count);
 
 #endif

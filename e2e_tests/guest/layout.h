@@ -33,5 +33,6 @@
 /* Interrupt vectors used by the drivers: MSI-X entries get VEC_MSIX_BASE + n, INTx VEC_INTX. */
 #define VEC_MSIX_BASE 0x40
 #define VEC_INTX 0x30
+#define VEC_TIMER 0xEF /* LAPIC timer: bounds SYS_HLT naps */
 
 #endif

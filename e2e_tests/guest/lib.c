@@ -163,7 +163,7 @@ void serial_init(void) {
     outb(COM1 + 0, 0x01); /* 115200 baud */
     outb(COM1 + 1, 0x00);
     outb(COM1 + 3, 0x03); /* 8N1 */
-    outb(COM1 + 2, 0x07); /* FIFO enable + clear */
+    outb(COM1 + 2, 0x05); /* FIFO enable, clear TX only: input typed before boot is kept */
     outb(COM1 + 4, 0x03); /* DTR | RTS */
     tx_budget = 0;
 }

@@ -25,7 +25,13 @@ static struct vdev vdevs[16];
 static int nvdevs;
 static int next_msix_vec = VEC_MSIX_BASE;
 
+int irq_wait_hlt = -1;
+
 int virtio_irq_mode(void) {
+    if (irq_wait_hlt < 0) {
+        const char *w = cmdline_get("irq_wait");
+        irq_wait_hlt = w && !strcmp(w, "hlt");
+    }
     const char *m = cmdline_get("irq");
     if (m && !strcmp(m, "msix")) return IRQ_MSIX;
     if (m && !strcmp(m, "intx")) return IRQ_INTX;
@@ -97,11 +103,18 @@ static void setup_irq(struct vdev *d) {
         pci_write16(d->pci, mc + 2, ctl & ~0x4000);
     }
     if (d->irq_mode == IRQ_INTX) {
-        /* The handler reads (and so deasserts) this device's ISR. The GSI is the interrupt
-         * line the firmware/VMM wrote; q35 routes PIRQ A-H to GSI 16-23, so route those too. */
+        /* The handler reads (and so deasserts) this device's ISR. Which IOAPIC pin: on QEMU's
+         * q35 (ICH9) PCI INTx reach the IOAPIC as PIRQ A-H = GSI 16-23 whatever the firmware
+         * wrote into the interrupt-line register (that is the 8259 routing); elsewhere (crosvm,
+         * MP-table machines) the interrupt line is the GSI. */
         irq_isr_addr[VEC_INTX] = d->isr;
-        if (d->pci->irq_line && d->pci->irq_line < 24) ioapic_route(d->pci->irq_line, VEC_INTX, 1);
-        for (u32 g = 16; g < 24; g++) ioapic_route(g, VEC_INTX, 1);
+        static const u16 ich9[] = {0x29C0, 0};
+        u8 line = d->pci->irq_line;
+        if (pci_find(0x8086, ich9, 0) || !line || line >= 24) {
+            for (u32 g = 16; g < 24; g++) ioapic_route(g, VEC_INTX, 1);
+        } else {
+            ioapic_route(line, VEC_INTX, 1);
+        }
     }
 }
 
@@ -305,6 +318,15 @@ void *vq_wait(struct virtq *q, u32 *len, u64 timeout) {
             if (irq_count[q->vector] != q->irq_seen) {
                 q->irq_seen = irq_count[q->vector];
                 q->interrupts_waited++;
+                continue;
+            }
+            if (irq_wait_hlt) {
+                /* sleep at CPL0 until the next interrupt; the LAPIC timer bounds the nap */
+                apic_timer_oneshot(VEC_TIMER, 50000000);
+                __asm__ volatile("int $0x80"
+                                 : "+a"((u64){SYS_HLT})
+                                 : "D"(&irq_count[q->vector]), "S"(q->irq_seen)
+                                 : "rcx", "memory");
                 continue;
             }
         }

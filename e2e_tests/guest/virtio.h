@@ -89,6 +89,8 @@ u64 virtio_cfg64(struct vdev *d, u32 off);
 void virtio_cfg_w32(struct vdev *d, u32 off, u32 v);
 /* Interrupt mode from the command line: irq=poll|msix|intx (default poll). */
 int virtio_irq_mode(void);
+/* irq_wait=hlt: vq_wait sleeps at CPL0 (hlt) between interrupts instead of spinning. */
+extern int irq_wait_hlt;
 
 /* Queue operations. add: out buffers (device-readable) then in buffers (device-writable). */
 int vq_add(struct virtq *q, const struct vbuf *b, int nout, int nin, void *token);
