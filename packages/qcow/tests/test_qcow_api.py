@@ -234,3 +234,21 @@ def test_python_dash_m(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1
+
+
+def test_keep_fds_covers_the_chain(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(4096))
+    QcowFile.create(tmp_path / "mid.qcow2", backing_file="base.raw", backing_format="raw").close()
+    with QcowFile.create(tmp_path / "top.qcow2", backing_file="mid.qcow2") as top:
+        fds = top.keep_fds()
+        assert len(fds) == 3 and fds[0] == top.fileno()
+        assert all(os.fstat(fd) for fd in fds)
+
+
+def test_is_a_devices_disk_backend(tmp_path: Path) -> None:
+    disk = pytest.importorskip("devices.virtio._disk")
+    with QcowFile.create(tmp_path / "a.qcow2", 1 << 20) as img:
+        assert isinstance(img, disk.DiskBackend)
+    with disk.open_disk(tmp_path / "a.qcow2") as opened:
+        assert isinstance(opened, QcowFile)

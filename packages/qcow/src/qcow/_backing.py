@@ -33,6 +33,8 @@ class BackingFile(Protocol):
 
     def readinto_at(self, buf: memoryview, offset: int) -> int: ...
 
+    def keep_fds(self) -> list[int]: ...
+
     def close(self) -> None: ...
 
 
@@ -60,6 +62,9 @@ class RawBacking:
                 break
             done += got
         return n
+
+    def keep_fds(self) -> list[int]:
+        return [self._fd] if self._fd >= 0 else []
 
     def close(self) -> None:
         if self._fd >= 0:

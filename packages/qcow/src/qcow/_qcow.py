@@ -285,6 +285,13 @@ class QcowFile:
     def closed(self) -> bool:
         return self._fd < 0
 
+    def keep_fds(self) -> list[int]:
+        """Every fd this image needs, backing chain included (for a sandbox closing the rest)."""
+        fds = [self.fileno()]
+        if self._backing is not None:
+            fds.extend(self._backing.keep_fds())
+        return fds
+
     def close(self) -> None:
         """Write back all metadata, clear the dirty bit, and close the chain. Idempotent."""
         if self._fd < 0:
