@@ -1034,12 +1034,15 @@ class QcowFile:
                     table[i] = entry | COPIED
                 else:
                     table[i] = entry & ~COPIED
-            self._pending_free.append(off >> self._cb)
+        # (putting it in the cache may write back metadata: the L1 still points at the old
+        # table then, so the old table's decrement is queued only once the L1 entry changed)
         self._l2_put(new_off, table)
         self._l2.dirty.add(new_off)
         self._meta.add(new_off >> self._cb)
         self._l1[l1i] = new_off | COPIED
         self._l1_dirty.add(l1i)
+        if off:
+            self._pending_free.append(off >> self._cb)
         return table
 
     # ------------------------------------------------------------------ refcounts
