@@ -8,6 +8,7 @@ Nothing here is reversible: call them in a forked child that is about to be jail
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from sys_util._binding import ffi, lib, raise_errno
 
@@ -30,6 +31,7 @@ __all__ = [
     "MS_REC",
     "MS_REMOUNT",
     "MS_SLAVE",
+    "SCMP_CMP",
     "SECCOMP_FILTER_FLAG_TSYNC",
     "SECCOMP_RET_ALLOW",
     "SECCOMP_RET_ERRNO",
@@ -48,6 +50,7 @@ __all__ = [
     "clear_ambient_caps",
     "get_no_new_privs",
     "install_sigsys_reporter",
+    "libseccomp_export_bpf",
     "mount",
     "pivot_root",
     "seccomp_mode",
@@ -240,3 +243,74 @@ def install_sigsys_reporter(report_fd: int = -1) -> None:
     whose refusal action is ``SECCOMP_RET_TRAP`` (io_jail's log mode).
     """
     _check(lib.sys_util_install_sigsys_reporter(report_fd), "sigaction(SIGSYS)")
+
+
+# -- libseccomp, as a reference compiler -------------------------------------------------------
+#
+# io_jail compiles policies itself; libseccomp is bound here (ABI mode, loaded on first use, so
+# sys_util does not link against it) to check that both compilers give the same verdicts.
+
+#: Operators of :func:`libseccomp_export_bpf` rules (``enum scmp_compare``).
+SCMP_CMP = {"!=": 1, "<": 2, "<=": 3, "==": 4, ">=": 5, ">": 6, "masked==": 7}
+
+_LIBSECCOMP_CDEF = """
+typedef void *scmp_filter_ctx;
+struct scmp_arg_cmp { unsigned int arg; int op; uint64_t datum_a; uint64_t datum_b; };
+scmp_filter_ctx seccomp_init(uint32_t def_action);
+void seccomp_release(scmp_filter_ctx ctx);
+int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
+                           unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
+int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
+"""
+_libseccomp: tuple[object, object] | None = None
+
+
+def _load_libseccomp() -> tuple[object, object]:
+    global _libseccomp
+    if _libseccomp is None:
+        import cffi
+
+        abi = cffi.FFI()
+        abi.cdef(_LIBSECCOMP_CDEF)
+        _libseccomp = (abi, abi.dlopen("libseccomp.so.2"))
+    return _libseccomp
+
+
+def libseccomp_export_bpf(
+    default_action: int,
+    rules: list[tuple[int, int, list[tuple[int, str, int, int]]]],
+) -> bytes:
+    """Compile ``rules`` with libseccomp and return its BPF program bytes.
+
+    Each rule is ``(action, syscall_nr, [(arg, op, datum_a, datum_b), ...])`` with ``op`` a key
+    of :data:`SCMP_CMP`; the comparisons of one rule are ANDed, rules are ORed. Raises
+    ``OSError`` if libseccomp is missing or refuses a rule.
+    """
+    abi, lib_s = _load_libseccomp()
+    ffi_any: Any = abi
+    lib_any: Any = lib_s
+    ctx = lib_any.seccomp_init(default_action)
+    if ctx == ffi_any.NULL:
+        raise OSError(0, "seccomp_init failed")
+    try:
+        for action, nr, cmps in rules:
+            arr = ffi_any.new("struct scmp_arg_cmp[]", max(len(cmps), 1))
+            for i, (arg, op, a, b) in enumerate(cmps):
+                arr[i].arg, arr[i].op, arr[i].datum_a, arr[i].datum_b = arg, SCMP_CMP[op], a, b
+            rc = lib_any.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
+            if rc < 0:
+                raise OSError(-rc, f"{os.strerror(-rc)} (from seccomp_rule_add_array({nr}))")
+        fd = os.memfd_create("libseccomp-bpf", os.MFD_CLOEXEC)
+        try:
+            rc = lib_any.seccomp_export_bpf(ctx, fd)
+            if rc < 0:
+                raise OSError(-rc, f"{os.strerror(-rc)} (from seccomp_export_bpf)")
+            os.lseek(fd, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+    finally:
+        lib_any.seccomp_release(ctx)
