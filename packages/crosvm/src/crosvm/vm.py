@@ -19,6 +19,7 @@ import arch
 from arch.x86_64 import RunnableVm, VmConfig, VmContext, build_vm
 from crosvm import control
 from crosvm.config import Config
+from crosvm.device_setup import create_virtio_devices
 from crosvm.errors import ConfigError, VmError
 from crosvm.runloop import MainLoop, RunState, StopReason, join_vcpu_threads, start_vcpu_threads
 from devices.errors import SerialConfigError
@@ -26,11 +27,10 @@ from devices.serial import (
     ComPort,
     SerialHardware,
     SerialParameters,
-    SerialType,
     create_com_ports,
     merge_serial_parameters,
 )
-from devices.virtio import Block, Console, Rng, VirtioError, VirtioPciDevice
+from devices.virtio import Block, VirtioDevice, VirtioError, VirtioPciDevice
 from sys_util import RawTerminal
 
 log = logging.getLogger("crosvm")
@@ -64,41 +64,18 @@ def _kernel_cmdline(config: Config, serial: list[SerialParameters]) -> str:
     return " ".join(parts)
 
 
-def _virtio_console(params: SerialParameters, stack: contextlib.ExitStack) -> Console:
-    output: int | None = None
-    if params.type is SerialType.STDOUT:
-        output = sys.stdout.fileno()
-    elif params.type is SerialType.FILE:
-        assert params.path is not None
-        output = os.open(params.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        stack.callback(os.close, output)
-    return Console(sys.stdin.fileno() if params.stdin else None, output)
-
-
-def _pci_devices(
+def _pci_factories(
     config: Config, serial: list[SerialParameters], stack: contextlib.ExitStack
 ) -> list[PciFactory]:
-    """Open every backing file now (a bad disk fails before KVM is touched), in PCI slot order."""
-    devices: list[object] = []
-    for p in merge_serial_parameters(serial).values():
-        if p.hardware is SerialHardware.VIRTIO_CONSOLE:
-            devices.append(_virtio_console(p, stack))
-    for disk in config.disks:
-        try:
-            devices.append(Block.open(disk.path, read_only=disk.read_only))
-        except (VirtioError, OSError) as err:
-            raise VmError(f"disk {disk.path}: {err}") from None
-    if config.rng:
-        devices.append(Rng())
-    factories: list[PciFactory] = []
-    for device in devices:
-        stack.callback(device.close)  # type: ignore[attr-defined]
+    """Open every device's resources now (before KVM), wrap each in the virtio-pci transport."""
 
-        def factory(ctx: VmContext, device: object = device) -> VirtioPciDevice:
-            return VirtioPciDevice(device, ctx.memory, msix_router=ctx.irq_router)  # type: ignore[arg-type]
+    def factory_for(device: VirtioDevice) -> PciFactory:
+        def factory(ctx: VmContext) -> VirtioPciDevice:
+            return VirtioPciDevice(device, ctx.memory, msix_router=ctx.irq_router)
 
-        factories.append(factory)
-    return factories
+        return factory
+
+    return [factory_for(d) for d in create_virtio_devices(config, serial, stack)]
 
 
 class _Controller:
@@ -152,7 +129,7 @@ def run_config(config: Config) -> int:
             raise ConfigError(f"crosvm run: --serial: {err.strerror}: {err.filename}") from None
         for port in com_ports:
             stack.callback(port.close)
-        pci = _pci_devices(config, serial, stack)
+        pci = _pci_factories(config, serial, stack)
         vm_config = VmConfig(
             memory_size=config.mem_mib << 20,
             kernel=config.kernel,
