@@ -18,63 +18,73 @@ from pathlib import Path
 
 import pytest
 
-CS = 65536
 SLOT = 4096
+DISCARD = 65536
 SIZE = 16 << 20
 NSLOTS = SIZE // SLOT
-SLOTS_PER_CLUSTER = CS // SLOT
 
 
 def _ops(seed: int) -> Iterator[tuple[str, int, bytes]]:
-    """("w", slot, content) or ("d", cluster, b"")."""
+    """("w", slot, content) or ("d", first slot of a 64 KiB range, b"")."""
     rng = random.Random(seed)
     i = 0
     while True:
         i += 1
         if rng.random() < 0.08:
-            yield "d", rng.randrange(SIZE // CS), b""
+            yield "d", rng.randrange(SIZE // DISCARD) * (DISCARD // SLOT), b""
         else:
             slot = rng.randrange(NSLOTS)
             stamp = slot.to_bytes(4, "little") + i.to_bytes(8, "little") + b"GEN!"
             yield "w", slot, stamp * (SLOT // len(stamp))
 
 
-def _child(path: str, seed: int, lazy: bool) -> None:
+def _child(path: str, seed: int, mode: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from qcow import QcowFile
 
-    img = QcowFile.create(path, SIZE, cluster_size=CS, lazy_refcounts=lazy)
+    if mode == "small-cache":
+        # 4 KiB clusters, 8 L2 tables and a 4-table cache: dirty tables are evicted (and the
+        # whole write-back sequence runs) all the time, in the middle of requests.
+        img = QcowFile.create(path, SIZE, cluster_size=4096, cache_bytes=16384)
+    else:
+        img = QcowFile.create(path, SIZE, cluster_size=65536, lazy_refcounts=mode == "lazy")
     for done, (kind, where, content) in enumerate(_ops(seed), start=1):
         if kind == "w":
             img.write_at(content, where * SLOT)
         else:
-            img.discard(where * CS, CS)
-        if done % 400 == 0:
+            img.discard(where * SLOT, DISCARD)
+        if done % 500 == 0:
             img.flush()
             print(done, flush=True)
 
 
 @pytest.mark.qemu
 @pytest.mark.slow
-@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy-refcounts"])
-def test_sigkill_during_writes(tmp_path: Path, lazy: bool) -> None:
+@pytest.mark.parametrize("mode", ["eager", "lazy", "small-cache"])
+def test_sigkill_during_writes(tmp_path: Path, mode: str) -> None:
     from qcow import QcowFile
 
+    lazy = mode == "lazy"
     path = tmp_path / "crash.qcow2"
-    seed = 4242 + lazy
+    seed = 4242 + len(mode)
     proc = subprocess.Popen(
-        [sys.executable, __file__, str(path), str(seed), "1" if lazy else "0"],
+        [sys.executable, __file__, str(path), str(seed), mode],
         stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None
     flushed = 0
     try:
-        while flushed < 1600:
+        last = time.monotonic()
+        cycle = 0.0
+        while flushed < 2000:
             line = proc.stdout.readline()
             assert line, "writer died early"
             flushed = int(line)
-        time.sleep(random.Random(seed).uniform(0.0, 0.05))  # land in the middle of writes
+            now = time.monotonic()
+            cycle, last = now - last, now
+        # land anywhere between two flushes (that is where the ordering matters)
+        time.sleep(random.uniform(0.05, 0.95) * cycle)
     finally:
         proc.send_signal(signal.SIGKILL)
         rest = proc.stdout.read()
@@ -102,11 +112,7 @@ def test_sigkill_during_writes(tmp_path: Path, lazy: bool) -> None:
     for i, (kind, where, content) in enumerate(_ops(seed)):
         if i >= limit:
             break
-        slots = (
-            [where]
-            if kind == "w"
-            else range(where * SLOTS_PER_CLUSTER, (where + 1) * SLOTS_PER_CLUSTER)
-        )
+        slots = [where] if kind == "w" else range(where, where + DISCARD // SLOT)
         for s in slots:
             value = content if kind == "w" else zero
             if i < flushed:
@@ -125,4 +131,4 @@ def test_sigkill_during_writes(tmp_path: Path, lazy: bool) -> None:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1")
+    _child(sys.argv[1], int(sys.argv[2]), sys.argv[3])

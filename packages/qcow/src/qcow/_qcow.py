@@ -83,6 +83,7 @@ class QcowFile:
         header: H.Header,
         writable: bool,
         backing: BackingFile | None,
+        cache_bytes: int | None = None,
     ) -> None:
         self._path = path
         self._fd = fd
@@ -111,8 +112,10 @@ class QcowFile:
         self._l1_dirty: set[int] = set()
         self._reftable = array("Q")
         self._reftable_dirty: set[int] = set()
-        self._l2: LruCache[int, array[int]] = LruCache(max(8, _L2_CACHE_BYTES >> cb))
-        self._rb: LruCache[int, RefBlock] = LruCache(max(64, _RB_CACHE_BYTES >> cb))
+        l2_bytes = _L2_CACHE_BYTES if cache_bytes is None else cache_bytes
+        rb_bytes = _RB_CACHE_BYTES if cache_bytes is None else cache_bytes
+        self._l2: LruCache[int, array[int]] = LruCache(max(4, l2_bytes >> cb))
+        self._rb: LruCache[int, RefBlock] = LruCache(max(4, rb_bytes >> cb))
         self._zc_host = -1
         self._zc_data = b""
         self._meta: set[int] = set()
@@ -127,6 +130,7 @@ class QcowFile:
         writable: bool = False,
         *,
         lock: bool = True,
+        cache_bytes: int | None = None,
         _depth: int = 0,
         _seen: frozenset[str] = frozenset(),
     ) -> QcowFile:
@@ -134,6 +138,10 @@ class QcowFile:
 
         An image whose dirty bit is set (lazy refcounts, not closed cleanly) has its refcounts
         rebuilt when opened writable, as the spec requires; read-only opens do not need them.
+
+        ``cache_bytes`` bounds each metadata cache (L2 tables, refcount blocks; 8 MiB each by
+        default, which maps 4 TiB of guest disk at 64 KiB clusters). ``lock`` takes a
+        ``flock`` (exclusive when writable), as crosvm does.
         """
         spath = os.fspath(path)
         real = os.path.realpath(spath)
@@ -156,7 +164,7 @@ class QcowFile:
                 raise CorruptImage("image is marked corrupt; it may only be opened read-only")
             if hdr.backing_file:
                 backing = _open_backing(spath, hdr, _depth, _seen | {real}, lock)
-            qf = cls(spath, fd, hdr, writable, backing)
+            qf = cls(spath, fd, hdr, writable, backing, cache_bytes)
         except BaseException:
             if backing is not None:
                 backing.close()
@@ -182,6 +190,7 @@ class QcowFile:
         *,
         version: int = 3,
         lazy_refcounts: bool = False,
+        cache_bytes: int | None = None,
     ) -> QcowFile:
         """Create a new, empty image (replacing ``path``) and return it open for writing.
 
@@ -206,7 +215,7 @@ class QcowFile:
             version=version,
             lazy_refcounts=lazy_refcounts,
         )
-        return cls.open(spath, writable=True)
+        return cls.open(spath, writable=True, cache_bytes=cache_bytes)
 
     def _load_tables(self) -> None:
         hdr, cs, fd = self._hdr, self._cs, self._fd
