@@ -56,3 +56,24 @@ def test_errors_pickle() -> None:
     ):
         copy = pickle.loads(pickle.dumps(err))
         assert type(copy) is type(err) and str(copy) == str(err)
+
+
+def test_every_package_error_is_reachable_from_devices_errors() -> None:
+    # One errors module per package (STYLE): a new error class elsewhere in devices must be
+    # added to devices.errors._ELSEWHERE / __all__ too.
+    import pkgutil
+
+    missing = []
+    for info in pkgutil.walk_packages(devices.__path__, "devices."):
+        if info.name == "devices.testing":
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, devices.errors.Error)
+                and obj.__module__ == info.name
+                and name not in devices.errors.__all__
+            ):
+                missing.append(f"{info.name}.{name}")
+    assert not missing, f"not exported from devices.errors: {missing}"
