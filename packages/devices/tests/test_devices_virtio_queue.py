@@ -241,10 +241,19 @@ def test_indirect_refused_when_not_negotiated(mem: GuestMemory) -> None:
     assert q.invalid_chains == 1
 
 
-def test_avail_index_jump_is_ignored(mem: GuestMemory) -> None:
+def test_avail_index_jump_breaks_the_queue_until_reset(mem: GuestMemory) -> None:
     drv, q = make(mem, 8)
+    reasons: list[str] = []
+    q.on_broken = reasons.append
     drv.set_avail_idx(100)  # claims 100 new entries on an 8-entry ring
     assert q.pop() is None
+    assert q.broken and len(reasons) == 1 and "100 entries" in reasons[0]
+    # Nothing is pending any more, so a device's serve loop (pop until None, then
+    # enable_notification) ends instead of spinning on the bad index.
+    assert q.pending() == 0 and q.enable_notification() is False
+    assert q.pop() is None and len(reasons) == 1
+    q.reset()
+    assert not q.broken
 
 
 @pytest.mark.parametrize(

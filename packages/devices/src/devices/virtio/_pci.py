@@ -534,6 +534,7 @@ class VirtioPciDevice:
     def _activate(self) -> None:
         try:
             for i, q in enumerate(self._queues):
+                q.on_broken = self._queue_broken
                 if q.ready:
                     try:
                         q.activate(self._mem, self._driver_features)
@@ -548,6 +549,11 @@ class VirtioPciDevice:
             self.interrupt.signal_config_changed()
             return
         self._activated = True
+
+    def _queue_broken(self, reason: str) -> None:
+        # From the worker thread, so no self._lock: a device reset holds it while joining us.
+        self._status |= DeviceStatus.DEVICE_NEEDS_RESET
+        self.interrupt.signal_config_changed()
 
     def reset(self) -> None:
         """Device reset (status 0): stop the worker, forget queues and features."""

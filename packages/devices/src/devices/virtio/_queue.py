@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from devices.virtio._constants import VIRTIO_MSI_NO_VECTOR, Features
@@ -156,6 +157,9 @@ class Queue:
             raise ValueError(f"queue size {max_size} is not a power of two <= 32768")
         self.max_size = max_size
         self.log: RateLimitedLog = RateLimitedLog(logger, "virtqueue")
+        #: Called (from the worker) once when the driver breaks the ring protocol; the transport
+        #: sets DEVICE_NEEDS_RESET. Must not take locks a device reset holds.
+        self.on_broken: Callable[[str], None] | None = None
         self._fence_lock = threading.Lock()
         self.reset()
 
@@ -172,6 +176,7 @@ class Queue:
         self.event_idx = False
         self.indirect = False
         self.invalid_chains = 0
+        self.broken = False
         self._signalled_used: int | None = None
         self._mem: GuestMemory | None = None
         self._ram: RamMap | None = None
@@ -255,7 +260,7 @@ class Queue:
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not popped."""
-        if self._avail is None:
+        if self._avail is None or self.broken:
             return 0
         return (self.avail_idx() - self.next_avail) & 0xFFFF
 
@@ -267,16 +272,16 @@ class Queue:
         """
         while True:
             avail = self._avail
-            if avail is None or self._mem is None:
+            if avail is None or self._mem is None or self.broken:
                 return None
             pending = (self.avail_idx() - self.next_avail) & 0xFFFF
             if pending == 0:
                 return None
             if pending > self.size:
-                self.log.warn(
-                    "available index moved by %d entries on a %d-entry queue; ignoring",
-                    pending,
-                    self.size,
+                # No valid driver does this and no entry can be trusted any more: the queue is
+                # dead until the driver resets the device (virtio 1.2, 2.1.2 DEVICE_NEEDS_RESET).
+                self._break(
+                    f"available index moved by {pending} entries on a {self.size}-entry queue"
                 )
                 return None
             slot = self.next_avail % self.size
@@ -291,6 +296,12 @@ class Queue:
                 self.log.warn("%s", err)
                 if err.head is not None:
                     self.add_used(err.head, 0)
+
+    def _break(self, reason: str) -> None:
+        self.broken = True
+        self.log.warn("%s; queue stopped until the device is reset", reason)
+        if self.on_broken is not None:
+            self.on_broken(reason)
 
     def _parse_chain(self, head: int) -> DescriptorChain:
         mem = self._mem
