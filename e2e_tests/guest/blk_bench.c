@@ -12,6 +12,24 @@ static u64 xorshift(void) {
     return rng_state;
 }
 
+/*
+ * Requests stopped completing. Say where the rings stand, then notify once more without
+ * checking the device's suppression: if that brings completions, the device lost (or wrongly
+ * suppressed) a notification; if not, it lost the requests.
+ */
+static void stall_report(struct blk *b, const char *name, u64 inflight) {
+    struct virtq *q = b->q;
+    u16 used = q->used->idx, flags = q->used->flags;
+    u16 avail_event = *(volatile u16 *)((u64)q->used + 4 + 8ull * q->size);
+    mmio_w16(q->notify_addr, q->index);
+    u64 t = rdtsc();
+    while (q->used->idx == used && rdtsc() - t < tsc_ms(2000)) cpu_relax();
+    fail("%s:requests-never-completed inflight=%lu avail_idx=%u used_idx=%u last_used=%u "
+         "avail_event=%u used_flags=%u event_idx=%d indirect=%d recovered_by_extra_kick=%d",
+         name, (unsigned long)inflight, q->avail_idx, used, q->last_used, avail_event, flags,
+         q->event_idx, q->use_indirect, q->used->idx != used);
+}
+
 static void bench_one(struct blk *b, const char *name, int write, int random, u32 bs, u32 qd,
                       struct slot *slots, u64 span, u64 ms) {
     u64 blocks = span / bs, next_seq = 0, ops = 0, inflight = 0, errors = 0;
@@ -44,7 +62,7 @@ static void bench_one(struct blk *b, const char *name, int write, int random, u3
         }
         if (!stop && rdtsc() >= deadline) stop = 1;
         if (stop && !inflight) break;
-        if (rdtsc() - t0 > tsc_ms(ms + 30000)) fail("%s: requests never completed", name);
+        if (rdtsc() - t0 > tsc_ms(ms + 30000)) stall_report(b, name, inflight);
         cpu_relax();
     }
     tend = rdtsc();

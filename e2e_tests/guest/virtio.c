@@ -283,13 +283,21 @@ void vq_kick(struct virtq *q) {
 }
 
 void *vq_get(struct virtq *q, u32 *len) {
-    if (q->last_used == q->used->idx) return NULL;
+    u16 used_idx = q->used->idx;
+    if (q->last_used == used_idx) return NULL;
+    if ((u16)(used_idx - q->last_used) > q->size - q->num_free)
+        fail("virtio-queue%u:used-index-jumped from=%u to=%u in_flight_descs=%u", q->index,
+             q->last_used, used_idx, q->size - q->num_free);
     barrier();
     volatile struct vring_used_elem *e = &q->used->ring[q->last_used & (q->size - 1)];
     u32 id = e->id;
     if (len) *len = e->len;
     if (id >= q->size) fail("virtio: device returned bad used id %u", id);
     void *tok = q->token[id];
+    if (!tok) /* never a head we made available, or completed twice: the device is broken */
+        fail("virtio-queue%u:device-returned-id-%u-not-in-flight used_idx=%u last_used=%u "
+             "len=%u", q->index, id, q->used->idx, q->last_used, e->len);
+    q->token[id] = NULL;
     if (tok == VQ_RAW_TOKEN) { /* hand-built (hostile) chain: the caller owns its descriptors */
         q->last_used++;
         return tok;
