@@ -17,6 +17,7 @@ import enum
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +29,7 @@ from sys_util import EventFd, PollContext
 log = logging.getLogger("crosvm")
 
 HALT_PROBE_INTERVAL = 2.0  # seconds between probes for a guest halted for good
+VCPU_STOP_TIMEOUT = 10.0  # seconds to wait for vCPU threads at exit
 _RFLAGS_IF = 1 << 9
 _MP_STATE_HALTED = 3  # KVM_MP_STATE_HALTED
 _MP_STATE_UNINITIALIZED = 1
@@ -274,9 +276,20 @@ def start_vcpu_threads(
     return threads
 
 
-def join_vcpu_threads(threads: Sequence[threading.Thread], state: RunState) -> None:
-    """Kick until every vCPU thread has left (a kick can race with entering ``KVM_RUN``)."""
+def join_vcpu_threads(
+    threads: Sequence[threading.Thread], state: RunState, timeout: float = VCPU_STOP_TIMEOUT
+) -> list[str]:
+    """Kick until every vCPU thread has left (a kick can race with entering ``KVM_RUN``).
+
+    A thread stuck in a device call past ``timeout`` is left behind (vCPU threads are daemons)
+    so crosvm still exits; the names of such threads are returned for the log.
+    """
+    deadline = time.monotonic() + timeout
     for thread in threads:
-        while thread.is_alive():
+        while thread.is_alive() and time.monotonic() < deadline:
             state.kick_all()
             thread.join(0.05)
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    for name in stuck:
+        log.error("%s did not stop within %.0f s; exiting without it", name, timeout)
+    return stuck
