@@ -206,7 +206,12 @@ def _copy(
             if got < n:
                 chunk[got:] = zero[: n - got]
         if chunk != zero[:n]:
-            write(chunk, off)
+            # write only the non-zero 64 KiB pieces: the output stays sparse
+            step = 65536
+            for sub in range(0, n, step):
+                piece = chunk[sub : sub + step]
+                if piece != zero[: len(piece)]:
+                    write(piece, off + sub)
         off += n
 
 
