@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 APT_PKGS=(python3-venv gcc libc6-dev linux-libc-dev libseccomp-dev qemu-system-x86 qemu-utils
           busybox-static cpio e2fsprogs iproute2 socat iperf3 build-essential bc bison flex
-          libelf-dev libssl-dev xz-utils linux-source-6.1)
+          libelf-dev libssl-dev xz-utils lz4 zstd linux-source-6.1)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
