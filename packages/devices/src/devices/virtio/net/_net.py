@@ -1,0 +1,422 @@
+"""virtio-net (device type 1, virtio 1.2 section 5.1) backed by a TAP interface.
+
+Queue 0 is the receiveq (host -> guest), queue 1 the transmitq; there is no control queue and
+one queue pair. Every frame on both queues is preceded by a ``virtio_net_hdr``; the tap is
+opened with ``IFF_VNET_HDR`` and the same header size, so headers (checksum and segmentation
+offload requests) pass through untouched and the kernel, not Python, validates them.
+
+Transmit: each chain is one frame; its readable part (header + frame) is handed to the tap
+with one ``writev`` of zero-copy views of guest RAM. Receive: a frame is ``readv``'d straight
+into the guest's receive buffer; a 64 KiB host buffer catches what does not fit. Without
+mergeable buffers such a frame is dropped (the guest's buffer is kept for the next one); with
+``VIRTIO_NET_F_MRG_RXBUF`` the rest is copied into further buffers and ``num_buffers`` is set.
+While the guest has no receive buffer the tap is taken out of the poll set, so the kernel's
+tap queue (not our memory) absorbs the backlog; a receiveq kick puts it back.
+
+Hostile chains (too short for a header, too many segments, frames the kernel refuses) fail
+that frame only and are counted in :class:`NetStats`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from devices.virtio._constants import DeviceType, Features
+from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
+from devices.virtio._queue import DescriptorChain, Queue
+from devices.virtio.net._tap import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    Tap,
+)
+from sys_util import AsRawFd
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "QUEUE_SIZE",
+    "RXQ",
+    "TXQ",
+    "VIRTIO_NET_S_LINK_UP",
+    "Net",
+    "NetFeatures",
+    "NetStats",
+    "parse_mac",
+]
+
+QUEUE_SIZE = 256
+RXQ = 0
+TXQ = 1
+VIRTIO_NET_S_LINK_UP = 1
+#: Largest frame a tap hands over (a 64 KiB GSO super-frame plus Ethernet/VLAN headers).
+MAX_FRAME_BYTES = 65550
+#: Frames moved per poll wake-up before the worker looks at other sources again.
+RX_BATCH = 64
+#: More segments than this in one chain is refused (the kernel's UIO_MAXIOV is 1024, and one
+#: slot is the overflow buffer).
+MAX_SEGMENTS = 1000
+
+_CONFIG = struct.Struct("<6sHH")  # mac, status, max_virtqueue_pairs
+_U16 = struct.Struct("<H")
+
+
+class NetFeatures:
+    """virtio-net feature bit *numbers* (section 5.1.3)."""
+
+    CSUM = 0
+    GUEST_CSUM = 1
+    CTRL_GUEST_OFFLOADS = 2
+    MTU = 3
+    MAC = 5
+    GUEST_TSO4 = 7
+    GUEST_TSO6 = 8
+    GUEST_ECN = 9
+    GUEST_UFO = 10
+    HOST_TSO4 = 11
+    HOST_TSO6 = 12
+    HOST_ECN = 13
+    HOST_UFO = 14
+    MRG_RXBUF = 15
+    STATUS = 16
+    CTRL_VQ = 17
+
+
+# feature -> features it requires (one of them, section 5.1.3.1); violators are not acked.
+_DEPENDS: dict[int, tuple[int, ...]] = {
+    NetFeatures.GUEST_TSO4: (NetFeatures.GUEST_CSUM,),
+    NetFeatures.GUEST_TSO6: (NetFeatures.GUEST_CSUM,),
+    NetFeatures.GUEST_ECN: (NetFeatures.GUEST_TSO4, NetFeatures.GUEST_TSO6),
+    NetFeatures.HOST_TSO4: (NetFeatures.CSUM,),
+    NetFeatures.HOST_TSO6: (NetFeatures.CSUM,),
+    NetFeatures.HOST_ECN: (NetFeatures.HOST_TSO4, NetFeatures.HOST_TSO6),
+}
+
+_OFFERED = (
+    1 << NetFeatures.CSUM
+    | 1 << NetFeatures.GUEST_CSUM
+    | 1 << NetFeatures.GUEST_TSO4
+    | 1 << NetFeatures.GUEST_TSO6
+    | 1 << NetFeatures.GUEST_ECN
+    | 1 << NetFeatures.HOST_TSO4
+    | 1 << NetFeatures.HOST_TSO6
+    | 1 << NetFeatures.HOST_ECN
+    | 1 << NetFeatures.MRG_RXBUF
+    | 1 << NetFeatures.STATUS
+)
+
+# guest receive offload feature -> the tap offload that lets such frames reach us.
+_TAP_OFFLOADS = (
+    (NetFeatures.GUEST_CSUM, TUN_F_CSUM),
+    (NetFeatures.GUEST_TSO4, TUN_F_TSO4),
+    (NetFeatures.GUEST_TSO6, TUN_F_TSO6),
+    (NetFeatures.GUEST_ECN, TUN_F_TSO_ECN),
+)
+
+
+def parse_mac(text: str) -> bytes:
+    """``"52:54:00:12:34:56"`` -> 6 bytes (ValueError for anything else)."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"{text!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+    return bytes(int(p, 16) for p in parts)
+
+
+@dataclass
+class NetStats:
+    """Counters kept by the worker (read them from any thread; they only grow)."""
+
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    rx_dropped: int = 0
+    rx_bad_chains: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    tx_errors: int = 0
+    tx_bad_chains: int = 0
+
+
+@dataclass
+class _Merge:
+    """A received frame larger than its first buffer, waiting for more buffers (MRG_RXBUF)."""
+
+    header: list[memoryview]
+    length: int
+    offset: int
+    used: list[tuple[int, int]]
+    discard: list[int] = field(default_factory=list)
+
+
+def _put(iovecs: list[memoryview], offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of the byte stream ``iovecs`` describe."""
+    first = iovecs[0]
+    if offset + len(data) <= len(first):
+        first[offset : offset + len(data)] = data
+        return
+    for view in iovecs:
+        n = len(view)
+        if offset >= n:
+            offset -= n
+            continue
+        take = min(n - offset, len(data))
+        view[offset : offset + take] = data[:take]
+        data = data[take:]
+        offset = 0
+        if not data:
+            return
+
+
+class Net(ThreadedVirtioDevice):
+    """A virtio NIC whose wire is ``tap`` (owned: :meth:`close` closes it).
+
+    ``mac`` (6 bytes) is offered in the configuration space (VIRTIO_NET_F_MAC); without it the
+    guest picks its own address.
+    """
+
+    def __init__(self, tap: Tap, *, mac: bytes | None = None) -> None:
+        if mac is not None and (len(mac) != 6 or mac[0] & 1):
+            raise ValueError(f"MAC {mac.hex(':')} is not a 6-byte unicast address")
+        self.tap = tap
+        self.mac = mac
+        self.stats = NetStats()
+        self._hdr_len = 12
+        self._mrg = False
+        self._guest_csum = False
+        self._tap_polled = False
+        self._rx_held: DescriptorChain | None = None
+        self._rx_pending: _Merge | None = None
+        self._stage = bytearray(MAX_FRAME_BYTES + 16)
+        self._stage_view = memoryview(self._stage)
+        super().__init__()
+
+    def debug_label(self) -> str:
+        return f"virtio-net({self.tap.name})"
+
+    @property
+    def device_type(self) -> int:
+        return DeviceType.NET
+
+    @property
+    def queue_max_sizes(self) -> Sequence[int]:
+        return [QUEUE_SIZE, QUEUE_SIZE]
+
+    def features(self) -> int:
+        mac = 1 << NetFeatures.MAC if self.mac is not None else 0
+        return RING_FEATURES | _OFFERED | mac
+
+    def ack_features(self, value: int) -> None:
+        value &= self.features()
+        for feature, needs in _DEPENDS.items():
+            if value >> feature & 1 and not any(value >> n & 1 for n in needs):
+                self.log.warn("driver acked feature %d without its dependency; ignored", feature)
+                value &= ~(1 << feature)
+        self.acked_features = value
+
+    def config_space(self) -> bytes:
+        return _CONFIG.pack(self.mac or bytes(6), VIRTIO_NET_S_LINK_UP, 1)
+
+    def keep_fds(self) -> list[int]:
+        return [self.tap.fileno()]
+
+    @property
+    def header_len(self) -> int:
+        """Bytes of ``virtio_net_hdr`` before each frame (12 with VERSION_1 or MRG_RXBUF)."""
+        return self._hdr_len
+
+    def tap_offloads(self) -> int:
+        """The ``TUN_F_*`` flags matching the guest's acked receive offloads."""
+        acked = self.acked_features
+        return sum(flag for feature, flag in _TAP_OFFLOADS if acked >> feature & 1)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def on_activate(self) -> None:
+        acked = self.acked_features
+        self._mrg = bool(acked >> NetFeatures.MRG_RXBUF & 1)
+        self._guest_csum = bool(acked >> NetFeatures.GUEST_CSUM & 1)
+        modern = bool(acked >> Features.VERSION_1 & 1)
+        self._hdr_len = 12 if modern or self._mrg else 10
+        self.tap.set_vnet_hdr_size(self._hdr_len)
+        self.tap.set_offload(self.tap_offloads())
+        self._tap_polled = False
+        self._rx_held = None
+        self._rx_pending = None
+
+    def on_reset(self) -> None:
+        self._tap_polled = False
+        self._rx_held = None
+        self._rx_pending = None
+
+    def close(self) -> None:
+        super().close()
+        self.tap.close()
+
+    def extra_poll_sources(self) -> list[tuple[int | AsRawFd, Callable[[], None]]]:
+        self._tap_polled = True
+        return [(self.tap, self._rx)]
+
+    def _set_tap_polling(self, on: bool) -> None:
+        poll = self._poll
+        if poll is None or on == self._tap_polled:
+            return
+        if on:
+            poll.add(self.tap, 1000)
+        else:
+            poll.delete(self.tap)
+        self._tap_polled = on
+
+    def process_queue(self, index: int, queue: Queue) -> None:
+        if index == TXQ:
+            self._tx(queue)
+        elif index == RXQ:
+            # New receive buffers: finish a waiting frame and watch the tap again.
+            self._set_tap_polling(True)
+            self._rx()
+
+    # -- transmit ------------------------------------------------------------------------------
+
+    def _tx(self, queue: Queue) -> None:
+        interrupt = self.interrupt
+        assert interrupt is not None
+        fd = self.tap.fileno()
+        hdr = self._hdr_len
+        stats = self.stats
+        while True:
+            before = queue.next_used
+            while (chain := queue.pop()) is not None:
+                n = chain.readable_len
+                if n < hdr or n > hdr + MAX_FRAME_BYTES or len(chain.readable) > MAX_SEGMENTS:
+                    stats.tx_bad_chains += 1
+                    self.log.warn("tx chain %d: %d bytes in %d segments refused", chain.head, n,
+                                  len(chain.readable))  # fmt: skip
+                else:
+                    try:
+                        os.writev(fd, chain.reader().get_iovecs(n))
+                    except OSError as err:  # the kernel refused the header or frame
+                        stats.tx_errors += 1
+                        self.log.warn("tx frame of %d bytes dropped: %s", n - hdr, err)
+                    else:
+                        stats.tx_frames += 1
+                        stats.tx_bytes += n - hdr
+                queue.add_used(chain.head, 0)
+            if queue.next_used != before:
+                queue.trigger_interrupt(interrupt)
+            if not queue.enable_notification():
+                return
+
+    # -- receive -------------------------------------------------------------------------------
+
+    def _rx(self) -> None:
+        """Move frames from the tap into receive buffers until either runs out (or a batch)."""
+        if not self.queues:
+            return
+        queue = self.queues[RXQ]
+        interrupt = self.interrupt
+        assert interrupt is not None
+        before = queue.next_used
+        try:
+            self._rx_frames(queue)
+        finally:
+            if queue.next_used != before:
+                queue.trigger_interrupt(interrupt)
+
+    def _rx_frames(self, queue: Queue) -> None:
+        fd = self.tap.fileno()
+        hdr = self._hdr_len
+        stats = self.stats
+        stage = self._stage_view
+        frames = 0
+        while frames < RX_BATCH:
+            if self._rx_pending is not None:
+                if not self._continue_merge(queue) and self._out_of_buffers(queue):
+                    return
+                continue
+            chain = self._rx_held
+            self._rx_held = None
+            if chain is None:
+                chain = queue.pop()
+                if chain is None:
+                    if self._out_of_buffers(queue):
+                        return
+                    continue
+            cap = chain.writable_len
+            if cap < hdr or len(chain.writable) > MAX_SEGMENTS:
+                stats.rx_bad_chains += 1
+                self.log.warn("rx chain %d: %d writable bytes in %d segments refused",
+                              chain.head, cap, len(chain.writable))  # fmt: skip
+                queue.add_used(chain.head, 0)
+                continue
+            iovecs = chain.writer().get_iovecs(cap)
+            iovecs.append(stage)
+            try:
+                n = os.readv(fd, iovecs)
+            except BlockingIOError:
+                self._rx_held = chain  # the tap is empty; keep the buffer for the next frame
+                return
+            except OSError as err:
+                self._rx_held = chain
+                if err.errno != errno.EINTR:
+                    self.log.warn("tap read failed: %s", err)
+                return
+            iovecs.pop()
+            if n < hdr:  # cannot happen with IFF_VNET_HDR; never hand the guest a stub
+                self._rx_held = chain
+                stats.rx_dropped += 1
+                continue
+            frames += 1
+            if not self._guest_csum:
+                _put(iovecs, 0, b"\x00")  # flags: the guest did not ask for DATA_VALID
+            if n <= cap:
+                if hdr == 12:
+                    _put(iovecs, 10, b"\x01\x00")  # num_buffers = 1
+                queue.add_used(chain.head, n)
+                stats.rx_frames += 1
+                stats.rx_bytes += n - hdr
+            elif self._mrg:
+                self._rx_pending = _Merge(iovecs, n - cap, 0, [(chain.head, cap)])
+                stats.rx_bytes += n - hdr
+            else:
+                # Bigger than the buffer the guest gave (it did not ask for offloads that
+                # would produce this): drop the frame, reuse the buffer.
+                self._rx_held = chain
+                stats.rx_dropped += 1
+                self.log.warn("rx frame of %d bytes dropped: receive buffer holds %d", n, cap)
+
+    def _continue_merge(self, queue: Queue) -> bool:
+        """Copy the rest of an oversized frame into more buffers; False when they run out."""
+        merge = self._rx_pending
+        assert merge is not None
+        stage = self._stage_view
+        while merge.offset < merge.length:
+            chain = queue.pop()
+            if chain is None:
+                return False
+            cap = chain.writable_len
+            if cap == 0 or len(chain.writable) > MAX_SEGMENTS:
+                self.stats.rx_bad_chains += 1
+                merge.discard.append(chain.head)
+                continue
+            take = min(cap, merge.length - merge.offset)
+            chain.writer().write(stage[merge.offset : merge.offset + take])
+            merge.offset += take
+            merge.used.append((chain.head, take))
+        _put(merge.header, 10, _U16.pack(len(merge.used)))
+        for head, length in merge.used:
+            queue.add_used(head, length)
+        for head in merge.discard:
+            queue.add_used(head, 0)
+        self.stats.rx_frames += 1
+        self._rx_pending = None
+        return True
+
+    def _out_of_buffers(self, queue: Queue) -> bool:
+        """No receive buffer: stop watching the tap until a kick. True = stop now."""
+        self._set_tap_polling(False)
+        if queue.enable_notification():  # buffers arrived meanwhile: carry on
+            self._set_tap_polling(True)
+            return False
+        return True
