@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qcow
 from qcow import QcowFile
@@ -252,3 +254,20 @@ def test_is_a_devices_disk_backend(tmp_path: Path) -> None:
         assert isinstance(img, disk.DiskBackend)
     with disk.open_disk(tmp_path / "a.qcow2") as opened:
         assert isinstance(opened, QcowFile)
+
+
+@given(
+    order=st.integers(0, 6),
+    used=st.sets(st.integers(0, 511)),
+    start=st.integers(0, 511),
+)
+@settings(max_examples=300, deadline=None)
+def test_refblock_find_zero(order: int, used: set[int], start: int) -> None:
+    rb = RefBlock(order, bytes(64))
+    n = rb.entries
+    used = {u % n for u in used}
+    start %= n
+    for i in used:
+        rb.set(i, 1)
+    expected = next((i for i in range(start, n) if i not in used), -1)
+    assert rb.find_zero(start) == expected

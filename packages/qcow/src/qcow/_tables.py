@@ -44,6 +44,18 @@ def encode_u64_table(table: array[int]) -> bytes:
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
 
+def _has_zero_table(order: int) -> bytes:
+    """byte -> 1 if one of its packed (1 << order)-bit entries is zero, else 0."""
+    bits = 1 << order
+    mask = (1 << bits) - 1
+    return bytes(
+        int(any((b >> shift) & mask == 0 for shift in range(0, 8, bits))) for b in range(256)
+    )
+
+
+_HAS_ZERO = {order: _has_zero_table(order) for order in (0, 1, 2)}
+
+
 class RefBlock:
     """One refcount block: ``cluster_size * 8 / refcount_bits`` entries of ``1 << order`` bits.
 
@@ -98,10 +110,20 @@ class RefBlock:
                 return wide.index(0, start)
             except ValueError:
                 return -1
-        for i in range(start, self.entries):
+        # sub-byte widths: finish the first byte by hand, then let bytes.translate/find (C
+        # speed) skip every byte whose entries are all in use
+        per_byte = 8 >> self.order
+        first_full = -(-start // per_byte) * per_byte
+        for i in range(start, min(first_full, self.entries)):
             if self.get(i) == 0:
                 return i
-        return -1
+        pos = self._packed.translate(_HAS_ZERO[self.order]).find(1, first_full // per_byte)
+        if pos < 0:
+            return -1
+        for i in range(pos * per_byte, pos * per_byte + per_byte):
+            if self.get(i) == 0:
+                return i
+        raise AssertionError("unreachable: the byte has a zero entry")
 
     def to_bytes(self) -> bytes:
         wide = self._wide
