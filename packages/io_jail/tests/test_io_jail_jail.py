@@ -121,14 +121,14 @@ def test_bind_mounts_read_only_and_writable_and_tmp(tmp_path: Path) -> None:
             Path("/srv/ro/new").write_text("x")
             results.append("ro writable!")
         except OSError as err:
-            results.append(errno.errorcode[err.errno])
+            results.append(errno.errorcode[err.errno or 0])
         Path("/rw/out").write_text("written")
         Path("/tmp/scratch").write_text("tmp")
         try:
             os.mkdir("/newdir")
             results.append("root writable!")
         except OSError as err:
-            results.append(errno.errorcode[err.errno])
+            results.append(errno.errorcode[err.errno or 0])
         os.write(w, repr(results).encode())
         return 0
 
@@ -147,7 +147,7 @@ def test_network_namespace_is_empty(tmp_path: Path) -> None:
             s.connect(("192.0.2.1", 9))
             result = "connected!"
         except OSError as err:
-            result = errno.errorcode[err.errno]
+            result = errno.errorcode[err.errno or 0]
         s.close()
         os.write(w, repr((names, result)).encode())
         return 0
@@ -265,7 +265,12 @@ def test_signal_death_is_mirrored(tmp_path: Path) -> None:
     end, _ = _run(Minijail().namespace_user().namespace_pids().run_as_init(), body)
     # PID 1 cannot be killed by its own signals: it exits normally.
     assert end.exit_code == 0
-    end, _ = _run(Minijail().namespace_user(), lambda w: os.kill(os.getpid(), signal.SIGTERM) or 0)
+
+    def term(w: int) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 0
+
+    end, _ = _run(Minijail().namespace_user(), term)
     assert end.signal == signal.SIGTERM and str(end) == "killed by SIGTERM"
 
 
