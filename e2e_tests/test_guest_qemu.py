@@ -141,7 +141,8 @@ def test_interrupts_delivered(
     r = _run(cfg, host_profile).find("irq_mode")
     assert r["irq_mode"] == irq and r["hlt"] == ("1" if wait == "hlt" else "0")
     assert r["ok"] == r["requests"] == "50"
-    assert int(r["interrupts"]) >= (50 if irq == "msix" else 1)
+    # EVENT_IDX lets the device skip an interrupt for a completion the driver already saw
+    assert int(r["interrupts"]) >= (25 if irq == "msix" else 1)
 
 
 @vm
