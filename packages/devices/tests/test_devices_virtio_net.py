@@ -1,0 +1,391 @@
+"""virtio-net: features, the Tap wrapper, and frames through a real TAP with a mock driver.
+
+The TAP tests need root (CAP_NET_ADMIN). Each one builds its tap inside a fresh, anonymous
+network namespace: a child process unshares CLONE_NEWNET, creates the tap, brings it up, opens
+an AF_PACKET socket bound to it and passes both fds back over a socketpair, then exits. The
+namespace lives exactly as long as those fds, so nothing is left behind and no frame can reach
+a real network. Only EtherType 0x88B5 (IEEE local experimental) frames are looked at.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from devices.testing import SubmittedChain, VirtQueueDriver, make_guest_memory
+from devices.virtio import Features, Interrupt
+from devices.virtio.net import (
+    MAX_FRAME_BYTES,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    Net,
+    NetFeatures,
+    Tap,
+    TapError,
+    parse_mac,
+)
+from sys_util import EventFd, GuestMemory
+
+ETH_TEST = 0x88B5
+HDR = 12
+GUEST_MAC = bytes.fromhex("02aabbccdd01")
+HOST_MAC = bytes.fromhex("02aabbccdd02")
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN)")
+
+_CHILD = r"""
+import socket, subprocess, sys
+from sys_util.jail import CLONE_NEWNET, unshare
+from devices.virtio.net import Tap
+unshare(CLONE_NEWNET)
+for knob in ("all", "default"):  # no IPv6 autoconf chatter on the tap
+    with open(f"/proc/sys/net/ipv6/conf/{knob}/disable_ipv6", "w") as f:
+        f.write("1")
+tap = Tap.create("vmtap%d")
+subprocess.run(["ip", "link", "set", "dev", tap.name, "address", sys.argv[2], "up"], check=True)
+pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+pkt.bind((tap.name, 0x88B5))
+chan = socket.socket(fileno=int(sys.argv[1]))
+socket.send_fds(chan, [tap.name.encode()], [tap.fileno(), pkt.fileno()])
+"""
+
+
+@dataclass
+class Wire:
+    """A tap (device side) and a packet socket on the same interface (host side)."""
+
+    tap: Tap
+    host: socket.socket
+
+    def send(self, payload: bytes, dst: bytes = GUEST_MAC) -> bytes:
+        frame = dst + HOST_MAC + struct.pack(">H", ETH_TEST) + payload
+        self.host.send(frame)
+        return frame
+
+    def recv(self, timeout: float = 5.0) -> bytes:
+        self.host.settimeout(timeout)
+        return self.host.recv(70000)
+
+
+def open_wire() -> Wire:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with parent, child:
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(child.fileno()), HOST_MAC.hex(":")],
+            pass_fds=(child.fileno(),), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            pytest.fail(f"netns child failed: {proc.stderr}")
+        msg, fds, _, _ = socket.recv_fds(parent, 64, 2)
+    tap = Tap(fds[0], msg.decode())
+    return Wire(tap, socket.socket(fileno=fds[1]))
+
+
+@pytest.fixture
+def wire() -> Iterator[Wire]:
+    w = open_wire()
+    try:
+        yield w
+    finally:
+        w.host.close()
+        w.tap.close()
+
+
+class Guest:
+    """A mock virtio-net driver: receiveq and transmitq rings in guest memory."""
+
+    def __init__(self, net: Net, features: int | None = None) -> None:
+        self.net = net
+        self.mem: GuestMemory = make_guest_memory(8 << 20)
+        self.rx = VirtQueueDriver(self.mem, 0x10000, size=256, data_size=2 << 20)
+        self.tx = VirtQueueDriver(self.mem, 0x300000, size=256, data_size=2 << 20)
+        net.ack_features(net.features() if features is None else features)
+        self.kicks = [EventFd(), EventFd()]
+        self.irq = EventFd()
+        feats = net.acked_features
+        net.activate(
+            self.mem, Interrupt(intx_evt=self.irq),
+            [self.rx.make_queue(features=feats), self.tx.make_queue(features=feats)], self.kicks,
+        )  # fmt: skip
+
+    def post_rx(
+        self, size: int = 2048, count: int = 1, *, kick: bool = True
+    ) -> list[SubmittedChain]:
+        chains = [self.rx.add_request([], [size]) for _ in range(count)]
+        if kick:
+            self.rx.kick(self.kicks[0])
+        return chains
+
+    def send(self, frame: bytes, header: bytes = bytes(HDR), **kw: bool) -> SubmittedChain:
+        chain = self.tx.add_request([header, frame], [], **kw)
+        self.tx.kick(self.kicks[1])
+        return chain
+
+    def close(self, *, close_net: bool = True) -> None:
+        if close_net:
+            self.net.close()
+        for e in (*self.kicks, self.irq):
+            e.close()
+        self.mem.close()
+
+
+@pytest.fixture
+def guest(wire: Wire) -> Iterator[Guest]:
+    g = Guest(Net(wire.tap, mac=GUEST_MAC))
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def test_frame(n: int = 100, tag: int = 0) -> bytes:
+    return (
+        HOST_MAC
+        + GUEST_MAC
+        + struct.pack(">H", ETH_TEST)
+        + bytes((tag + i) & 0xFF for i in range(n))
+    )
+
+
+test_frame.__test__ = False  # type: ignore[attr-defined]
+
+
+# --- no privileges needed -------------------------------------------------------------------
+
+
+def test_features_and_config_space() -> None:
+    net = Net(Tap(-1, "none"), mac=GUEST_MAC)
+    feats = net.features()
+    for bit in (NetFeatures.MAC, NetFeatures.STATUS, NetFeatures.MRG_RXBUF, NetFeatures.CSUM,
+                NetFeatures.GUEST_CSUM, NetFeatures.GUEST_TSO4, NetFeatures.HOST_TSO6,
+                Features.VERSION_1):  # fmt: skip
+        assert feats >> bit & 1, bit
+    assert not feats >> NetFeatures.CTRL_VQ & 1
+    assert not feats >> NetFeatures.GUEST_UFO & 1  # Linux taps no longer do UFO
+    assert net.read_config(0, 6) == GUEST_MAC
+    assert net.read_config(6, 2) == b"\x01\x00"  # VIRTIO_NET_S_LINK_UP
+    assert net.read_config(8, 2) == b"\x01\x00"  # one queue pair
+    assert not Net(Tap(-1, "none")).features() >> NetFeatures.MAC & 1
+
+
+def test_acked_features_drop_broken_dependencies_and_map_to_tap_offloads() -> None:
+    net = Net(Tap(-1, "none"))
+    net.ack_features(1 << NetFeatures.GUEST_TSO4 | 1 << NetFeatures.HOST_TSO4)  # no *CSUM
+    assert net.acked_features == 0
+    assert net.tap_offloads() == 0
+    net.ack_features(
+        1 << NetFeatures.GUEST_CSUM | 1 << NetFeatures.GUEST_TSO4 | 1 << NetFeatures.GUEST_TSO6
+    )
+    assert net.tap_offloads() == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+    net.ack_features(1 << NetFeatures.GUEST_CSUM)
+    assert net.tap_offloads() == TUN_F_CSUM
+
+
+def test_bad_macs_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Net(Tap(-1, "none"), mac=b"\x01\x02\x03\x04\x05\x06")  # multicast
+    with pytest.raises(ValueError):
+        Net(Tap(-1, "none"), mac=b"\x02")
+    assert parse_mac("52:54:00:12:34:56") == bytes.fromhex("525400123456")
+    with pytest.raises(ValueError):
+        parse_mac("52:54:00:12:34")
+
+
+def test_tap_from_a_non_tap_fd_is_a_clear_error() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(TapError, match=f"fd {r} is not a TUN/TAP device"):
+            Tap.from_fd(r)
+        os.fstat(r)  # still open: it belongs to the caller
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_tap_bad_name_is_refused_before_any_ioctl() -> None:
+    with pytest.raises(TapError, match="invalid interface name"):
+        Tap.create("x" * 20)
+
+
+def test_tap_fd_protocol() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    tap = Tap(r, "t")
+    assert tap.fileno() == r and not tap.closed
+    with tap:
+        pass
+    assert tap.closed
+    tap.close()
+    with pytest.raises(OSError) as info:
+        tap.fileno()
+    assert info.value.errno == errno.EBADF
+
+
+# --- through a real tap in a private network namespace --------------------------------------
+
+
+@needs_root
+def test_tap_create_from_fd_and_settings(wire: Wire) -> None:
+    assert wire.tap.name.startswith("vmtap")
+    wire.tap.set_vnet_hdr_size(12)
+    assert wire.tap.vnet_hdr_size() == 12
+    wire.tap.set_offload(TUN_F_CSUM | TUN_F_TSO4)
+    wire.tap.set_offload(0)
+    dup = os.dup(wire.tap.fileno())
+    with Tap.from_fd(dup, vnet_hdr_size=10) as again:
+        assert again.name == wire.tap.name
+        assert again.vnet_hdr_size() == 10
+        assert not os.get_blocking(dup) and not os.get_inheritable(dup)
+
+
+@needs_root
+@pytest.mark.parametrize("indirect", [False, True])
+def test_transmit_reaches_the_host_intact(wire: Wire, guest: Guest, indirect: bool) -> None:
+    frames = [test_frame(60 + 97 * i, i) for i in range(12)]
+    for f in frames:
+        guest.send(f, indirect=indirect)
+    got = [wire.recv() for _ in frames]
+    assert got == frames
+    assert len(guest.tx.wait_used(len(frames) - 0, timeout=5)) >= 1
+    assert guest.net.stats.tx_frames == len(frames)
+
+
+@needs_root
+def test_receive_gives_header_and_frame(wire: Wire, guest: Guest) -> None:
+    chains = guest.post_rx(count=4)
+    sent = [wire.send(os.urandom(40 + 300 * i)) for i in range(4)]
+    used = guest.rx.wait_used(4)
+    assert [h for h, _ in used] == [c.head for c in chains]
+    for (_, n), chain, frame in zip(used, chains, sent, strict=True):
+        data = guest.rx.read_writable(chain)[:n]
+        flags, gso, _, _, _, _, nbuf = struct.unpack_from("<BBHHHHH", data)
+        assert (flags, gso, nbuf) == (0, 0, 1)
+        assert data[HDR:] == frame
+    assert guest.net.stats.rx_frames == 4
+
+
+@needs_root
+def test_receive_waits_for_buffers_and_loses_nothing(wire: Wire, guest: Guest) -> None:
+    sent = [wire.send(bytes([i]) * 64) for i in range(20)]
+    time.sleep(0.2)  # the device has no buffer: frames wait in the tap
+    assert guest.rx.used_idx() == 0
+    chains = guest.post_rx(count=20)
+    used = guest.rx.wait_used(20)
+    got = [guest.rx.read_writable(c)[HDR:n] for c, (_, n) in zip(chains, used, strict=True)]
+    assert got == sent
+
+
+@needs_root
+def test_frame_larger_than_the_buffer_is_dropped_without_mergeable_buffers(wire: Wire) -> None:
+    g = Guest(Net(wire.tap, mac=GUEST_MAC), features=1 << Features.VERSION_1)
+    try:
+        small = g.post_rx(size=HDR + 100)[0]
+        wire.send(bytes(500))  # does not fit
+        time.sleep(0.2)
+        ok = wire.send(b"fits")
+        used = g.rx.wait_used(1)
+        assert used == [(small.head, HDR + len(ok))]
+        assert g.rx.read_writable(small)[HDR : HDR + len(ok)] == ok
+        assert g.net.stats.rx_dropped == 1
+    finally:
+        g.close()
+
+
+@needs_root
+def test_mergeable_buffers_split_a_frame_and_count_them(wire: Wire, guest: Guest) -> None:
+    assert guest.net.acked_features >> NetFeatures.MRG_RXBUF & 1
+    chains = guest.post_rx(size=HDR + 200, count=2)
+    frame = wire.send(os.urandom(986))  # 1000 bytes + 12 header = 6 buffers of 212
+    time.sleep(0.2)
+    assert guest.rx.used_idx() == 0  # waiting for more buffers, frame kept
+    chains += guest.post_rx(size=212, count=6)
+    used = guest.rx.wait_used(5)
+    assert [h for h, _ in used] == [c.head for c in chains[:5]]
+    data = b"".join(guest.rx.read_writable(c)[:n] for c, (_, n) in zip(chains, used, strict=False))
+    assert struct.unpack_from("<H", data, 10)[0] == 5
+    assert data[HDR:] == frame
+    assert sum(n for _, n in used) == HDR + len(frame)
+
+
+@needs_root
+def test_hostile_chains_fail_alone(wire: Wire, guest: Guest) -> None:
+    guest.tx.add_request([b"short"], [])  # shorter than the header
+    guest.send(
+        b"\x01" + bytes(5) + struct.pack("<HH", 5000, 10) + b"\x00\x00",
+    )  # bad csum_start
+    good = test_frame(80)
+    guest.send(good)
+    assert wire.recv() == good
+    stats = guest.net.stats
+    assert stats.tx_bad_chains == 1
+    assert stats.tx_errors + stats.tx_frames == 2  # the bad csum frame was refused or sent as is
+    # receive: a buffer too small for the header is returned empty, the next one is used
+    tiny = guest.rx.add_request([], [4])
+    ok = guest.post_rx()[0]
+    frame = wire.send(b"after-tiny")
+    used = guest.rx.wait_used(2)
+    assert used == [(tiny.head, 0), (ok.head, HDR + len(frame))]
+    assert stats.rx_bad_chains == 1
+
+
+class RecordingTap(Tap):
+    def __init__(self, fd: int, name: str) -> None:
+        super().__init__(fd, name)
+        self.offloads: list[int] = []
+
+    def set_offload(self, flags: int) -> None:
+        self.offloads.append(flags)
+        super().set_offload(flags)
+
+
+@needs_root
+def test_offloads_are_set_on_the_tap_for_acked_guest_features(wire: Wire) -> None:
+    feats = (1 << Features.VERSION_1 | 1 << NetFeatures.GUEST_CSUM | 1 << NetFeatures.GUEST_TSO4
+             | 1 << NetFeatures.GUEST_TSO6 | 1 << NetFeatures.MRG_RXBUF)  # fmt: skip
+    tap = RecordingTap(os.dup(wire.tap.fileno()), wire.tap.name)
+    g = Guest(Net(tap), features=feats)
+    try:
+        assert tap.offloads == [TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6]
+        chain = g.post_rx()[0]
+        frame = wire.send(b"x" * 100)
+        ((_, n),) = g.rx.wait_used(1)
+        assert g.rx.read_writable(chain)[HDR:n] == frame
+    finally:
+        g.close()
+    assert tap.closed
+
+
+@needs_root
+def test_reset_and_reactivate(wire: Wire) -> None:
+    net = Net(wire.tap, mac=GUEST_MAC)
+    first = Guest(net)
+    first.send(test_frame(70, 1))
+    assert wire.recv() == test_frame(70, 1)
+    assert net.reset()
+    first.close(close_net=False)
+    assert not wire.tap.closed
+    second = Guest(net)
+    try:
+        second.send(test_frame(70, 2))
+        assert wire.recv() == test_frame(70, 2)
+        chain = second.post_rx()[0]
+        frame = wire.send(b"again")
+        ((_, n),) = second.rx.wait_used(1)
+        assert second.rx.read_writable(chain)[HDR:n] == frame
+    finally:
+        second.close()
+    assert wire.tap.closed
+
+
+def test_max_frame_bytes_covers_a_gso_super_frame() -> None:
+    assert MAX_FRAME_BYTES >= 65535 + 14
