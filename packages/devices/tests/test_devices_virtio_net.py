@@ -221,7 +221,8 @@ def test_tap_fd_protocol() -> None:
     r, w = os.pipe()
     os.close(w)
     tap = Tap(r, "t")
-    assert tap.fileno() == r and not tap.closed
+    assert tap.fileno() == r
+    assert repr(tap) == f"Tap('t', fd={r})"
     with tap:
         pass
     assert tap.closed
