@@ -31,6 +31,7 @@ from devices.serial import (
     merge_serial_parameters,
 )
 from devices.virtio import Block, VirtioDevice, VirtioError, VirtioPciDevice
+from devices.virtio.balloon import BALLOON_PAGE_SIZE, Balloon, BalloonStat
 from sys_util import RawTerminal
 
 log = logging.getLogger("crosvm")
@@ -39,6 +40,19 @@ log = logging.getLogger("crosvm")
 BASE_CMDLINE = "reboot=k panic=-1"
 
 PciFactory = Callable[[VmContext], VirtioPciDevice]
+
+#: Seconds a ``balloon_stats`` request waits for the guest (less than control.REQUEST_TIMEOUT).
+BALLOON_STATS_TIMEOUT = 3.0
+_BALLOON_STAT_FIELDS = {
+    "swap_in": BalloonStat.SWAP_IN,
+    "swap_out": BalloonStat.SWAP_OUT,
+    "major_faults": BalloonStat.MAJFLT,
+    "minor_faults": BalloonStat.MINFLT,
+    "free_memory": BalloonStat.MEMFREE,
+    "total_memory": BalloonStat.MEMTOT,
+    "available_memory": BalloonStat.AVAIL,
+    "disk_caches": BalloonStat.CACHES,
+}
 
 
 def _serial_parameters(config: Config) -> list[SerialParameters]:
@@ -94,9 +108,40 @@ class _Controller:
             self.state.set_suspended(False)
         elif isinstance(request, control.DiskCommand):
             return self._disk(request)
-        else:  # the balloon is not part of this VM
-            return control.Err(errno.ENODEV)
+        elif isinstance(request, control.BalloonCommand):
+            return self._balloon(request)
+        else:
+            return control.Err(errno.EINVAL)
         return control.Ok()
+
+    def _balloon(self, request: control.BalloonCommand) -> control.VmResponse:
+        found = [
+            d.device
+            for _, d in self.vm.pci_devices
+            if isinstance(d, VirtioPciDevice) and isinstance(d.device, Balloon)
+        ]
+        if not found:  # --no-balloon
+            return control.Err(errno.ENODEV)
+        balloon = found[0]
+        command = request.command
+        if isinstance(command, control.Adjust):
+            balloon.set_target_bytes(command.num_bytes)
+            return control.Ok()
+        if not isinstance(command, control.Stats):
+            return control.Err(errno.EINVAL)
+        # Answered on the main thread: the wait is bounded so the main loop stalls at most
+        # BALLOON_STATS_TIMEOUT (below the client's own timeout).
+        stats: dict[int, int] = {}
+        if balloon.stats_enabled:
+            got = balloon.request_stats(BALLOON_STATS_TIMEOUT)
+            if got is None:
+                return control.Err(errno.ETIMEDOUT)
+            stats = got
+        # A driver without the stats queue still reports the balloon's size.
+        return control.BalloonStats(
+            balloon_actual=balloon.actual * BALLOON_PAGE_SIZE,
+            **{name: stats.get(tag) for name, tag in _BALLOON_STAT_FIELDS.items()},
+        )
 
     def _disk(self, request: control.DiskCommand) -> control.VmResponse:
         blocks = [
