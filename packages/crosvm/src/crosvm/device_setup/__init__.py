@@ -12,13 +12,13 @@ import contextlib
 from collections.abc import Callable
 
 from crosvm.config import Config
-from crosvm.device_setup import balloon, block, console, rng
+from crosvm.device_setup import balloon, block, console, net, rng
 from devices.serial import SerialParameters
 from devices.virtio import VirtioDevice
 
 Creator = Callable[[Config, list[SerialParameters], contextlib.ExitStack], list[VirtioDevice]]
 
-CREATORS: list[Creator] = [console.create, block.create, rng.create, balloon.create]
+CREATORS: list[Creator] = [console.create, block.create, rng.create, balloon.create, net.create]
 
 
 def create_virtio_devices(
