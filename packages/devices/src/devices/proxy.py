@@ -209,6 +209,7 @@ class IrqRouterClient:
             sock, IrqRequest, IrqResponse, send_timeout=timeout, recv_timeout=timeout
         )
         self._lock = threading.Lock()
+        self._detached = False
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -217,7 +218,16 @@ class IrqRouterClient:
         """From now on, ask the main process (called in the device process after the fork)."""
         self._direct = None
 
+    def detach(self) -> None:
+        """Stop asking (device shutdown): releases become no-ops, as the main process's
+        :class:`IrqRouterServer` releases everything the device held when it closes."""
+        self._detached = True
+
     def _call(self, request: IrqRequest) -> IrqResponse:
+        if self._detached:
+            if isinstance(request, AllocateGsi | SetMsiRoute | RegisterIrqfd):
+                raise OSError(errno.ESHUTDOWN, "the device is shutting down")
+            return IrqOk()
         with self._lock:
             self._sock.send(request)
             reply = self._sock.recv()
@@ -397,13 +407,24 @@ class IrqRouterServer:
         return IrqErr(errno.EINVAL)
 
     def close(self) -> None:
+        """Release every irqfd and GSI the device still holds, and the socket (idempotent)."""
         if self._closed:
             return
         self._closed = True
         self._sock.close()
-        for evt in self._evts.values():
+        for (gsi, _), evt in self._evts.items():
+            try:
+                self._router.unregister_irqfd(evt, gsi)
+            except Exception:  # the VM may already be gone at teardown
+                logger.debug("%s: unregistering GSI %d failed", self.label, gsi, exc_info=True)
             evt.close()
         self._evts.clear()
+        for gsi in sorted(self._gsis):
+            try:
+                self._router.release_gsi(gsi)
+            except Exception:
+                logger.debug("%s: releasing GSI %d failed", self.label, gsi, exc_info=True)
+        self._gsis.clear()
 
 
 def _same_file(evt: EventFd, candidates: list[EventFd]) -> EventFd | None:
@@ -678,7 +699,7 @@ class ProxyDevice:
             if self._irq_client is not None:
                 self._irq_client.go_remote()
             sock: MsgSocket[CommandResult, Command] = MsgSocket(child_end, CommandResult, Command)
-            code = _serve(self._device, sock, self._label)
+            code = _serve(self._device, sock, self._label, self._irq_client)
         except BaseException:
             logger.exception("device %s: device process failed", self._label)
         finally:
@@ -809,7 +830,10 @@ def _wait(pid: int, timeout: float) -> JailExit:
 
 
 def _serve(
-    device: ProxiedDevice, sock: MsgSocket[CommandResult, Command], label: str
+    device: ProxiedDevice,
+    sock: MsgSocket[CommandResult, Command],
+    label: str,
+    irq_client: IrqRouterClient | None,
 ) -> int:  # pragma: no cover - runs in the device process
     """The device process's loop: one command in, one result out, until Shutdown or hang-up."""
     while True:
@@ -833,6 +857,8 @@ def _serve(
                 device.write_config_register(reg, off, data[:n])
                 reply = Ok()
             case Shutdown():
+                if irq_client is not None:
+                    irq_client.detach()  # the main loop may no longer serve requests
                 try:
                     device.close()
                 finally:
