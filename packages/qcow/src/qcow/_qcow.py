@@ -12,8 +12,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
-import threading
 import zlib
 from array import array
 from collections.abc import Sequence
@@ -22,16 +20,14 @@ from typing import TYPE_CHECKING
 
 from qcow import _header as H
 from qcow._backing import BackingFile, RawBacking, detect_image_type, zero_fill
+from qcow._mapping import MappingLayer
+from qcow._state import pwrite_all
 from qcow._tables import (
     COMPRESSED,
     COPIED,
-    L1_RESERVED,
     L2_RESERVED,
     OFFSET_MASK,
     ZERO,
-    LruCache,
-    RefBlock,
-    decode_u64_table,
     encode_u64_table,
 )
 from qcow.errors import (
@@ -51,22 +47,9 @@ __all__ = ["QcowFile"]
 
 MAX_CHAIN_DEPTH = 32
 DEFAULT_CLUSTER_SIZE = 65536
-_L2_CACHE_BYTES = 8 << 20
-_RB_CACHE_BYTES = 8 << 20
-_U64 = struct.Struct(">Q")
 
 
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        done += n
-
-
-class QcowFile:
+class QcowFile(MappingLayer):
     """An open qcow2 image: a virtual disk of :attr:`virtual_size` bytes.
 
     Use :meth:`open` or :meth:`create`. Thread-safe: one lock serialises requests, because a
@@ -85,40 +68,7 @@ class QcowFile:
         backing: BackingFile | None,
         cache_bytes: int | None = None,
     ) -> None:
-        self._path = path
-        self._fd = fd
-        self._hdr = header
-        self._writable = writable
-        self._backing = backing
-        self._lock = threading.RLock()
-        cb = header.cluster_bits
-        self._cb = cb
-        self._cs = 1 << cb
-        self._cmask = self._cs - 1
-        self._l2b = cb - 3
-        self._l2n = 1 << self._l2b
-        self._l2mask = self._l2n - 1
-        self._rbb = cb + 3 - header.refcount_order  # log2(entries per refcount block)
-        self._rbmask = (1 << self._rbb) - 1
-        self._v3 = header.version >= 3
-        self._lazy = self._v3 and bool(header.compatible_features & H.COMPAT_LAZY_REFCOUNTS)
-        self._modified = False  # metadata or header changed since open (dirty bit, autoclear)
-        self._data_unsynced = False
-        self._rc_unsynced = False
-        self._file_end = os.fstat(fd).st_size
-        self._hint = 0
-        self._pending_free: list[int] = []
-        self._l1 = array("Q")
-        self._l1_dirty: set[int] = set()
-        self._reftable = array("Q")
-        self._reftable_dirty: set[int] = set()
-        l2_bytes = _L2_CACHE_BYTES if cache_bytes is None else cache_bytes
-        rb_bytes = _RB_CACHE_BYTES if cache_bytes is None else cache_bytes
-        self._l2: LruCache[int, array[int]] = LruCache(max(4, l2_bytes >> cb))
-        self._rb: LruCache[int, RefBlock] = LruCache(max(4, rb_bytes >> cb))
-        self._zc_host = -1
-        self._zc_data = b""
-        self._meta: set[int] = set()
+        super().__init__(path, fd, header, writable, backing, cache_bytes)
         self._load_tables()
 
     # ------------------------------------------------------------------ construction
@@ -216,72 +166,6 @@ class QcowFile:
             lazy_refcounts=lazy_refcounts,
         )
         return cls.open(spath, writable=True, cache_bytes=cache_bytes)
-
-    def _load_tables(self) -> None:
-        hdr, cs, fd = self._hdr, self._cs, self._fd
-        raw = os.pread(fd, hdr.l1_size * 8, hdr.l1_table_offset) if hdr.l1_size else b""
-        self._l1 = decode_u64_table(raw)
-        for i, e in enumerate(self._l1):
-            if not e:
-                continue
-            off = e & OFFSET_MASK
-            if e & L1_RESERVED:
-                raise CorruptImage(
-                    f"L1 entry {i} has reserved bits set", hdr.l1_table_offset + 8 * i
-                )
-            if off < cs or off & self._cmask or off + cs > self._file_end:
-                raise CorruptImage(f"L1 entry {i} points outside the image", off)
-        raw = os.pread(fd, hdr.refcount_table_clusters * cs, hdr.refcount_table_offset)
-        self._reftable = decode_u64_table(raw)
-        for i, e in enumerate(self._reftable):
-            if not e:
-                continue
-            if e & 0x1FF:
-                raise CorruptImage(f"refcount table entry {i} is misaligned", e)
-            if e & self._cmask or e < cs or e + cs > self._file_end:
-                raise CorruptImage(f"refcount table entry {i} points outside the image", e)
-        self._collect_metadata()
-
-    def _collect_metadata(self) -> None:
-        """Note every metadata cluster, so no data write can ever land on one.
-
-        A hostile image can point a data cluster (COPIED, refcount 1) at its own refcount table
-        or at a snapshot's L1 table; writing through it would corrupt the image, so such writes
-        are refused and allocation never hands these clusters out.
-        """
-        hdr, cb, cs, fd = self._hdr, self._cb, self._cs, self._fd
-        meta = {0}
-
-        def span(off: int, length: int) -> None:
-            if length > 0:
-                meta.update(range(off >> cb, ((off + length - 1) >> cb) + 1))
-
-        span(hdr.l1_table_offset, hdr.l1_size * 8)
-        span(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
-        meta.update(e >> cb for e in self._reftable if e)
-        meta.update((e & OFFSET_MASK) >> cb for e in self._l1 if e & OFFSET_MASK)
-        pos = hdr.snapshots_offset
-        for _ in range(hdr.nb_snapshots):
-            fixed = os.pread(fd, 40, pos)
-            if len(fixed) != 40:
-                break
-            l1_off, l1_size, id_len, name_len = struct.unpack_from(">QIHH", fixed)
-            (extra,) = struct.unpack_from(">I", fixed, 36)
-            pos += 40 + extra + id_len + name_len
-            pos += -pos % 8
-            if l1_size * 8 > H.MAX_L1_BYTES or l1_off % cs:
-                continue
-            span(l1_off, l1_size * 8)
-            raw = os.pread(fd, l1_size * 8, l1_off)
-            table = decode_u64_table(raw[: len(raw) // 8 * 8])
-            meta.update((e & OFFSET_MASK) >> cb for e in table if e & OFFSET_MASK)
-        if hdr.nb_snapshots:
-            span(hdr.snapshots_offset, pos - hdr.snapshots_offset)
-        for ext in hdr.extensions:
-            if ext.kind == H.EXT_BITMAPS and len(ext.data) >= 24:
-                _, _, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
-                span(dir_off, min(dir_size, 1 << 26))
-        self._meta = meta
 
     # ------------------------------------------------------------------ fd protocol
 
@@ -530,14 +414,6 @@ class QcowFile:
             if entry & L2_RESERVED:
                 raise CorruptImage(f"L2 entry for guest offset {guest:#x} has reserved bits", host)
 
-    def _compressed_range(self, entry: int) -> tuple[int, int]:
-        """(host offset, byte length) of a compressed cluster's data."""
-        x = 62 - (self._cb - 8)
-        host = entry & ((1 << x) - 1)
-        sectors = ((entry >> x) & ((1 << (self._cb - 8)) - 1)) + 1
-        length = (host & ~511) + sectors * 512 - host
-        return host, length
-
     def _decompress(self, entry: int) -> bytes:
         host, length = self._compressed_range(entry)
         if host == self._zc_host:
@@ -785,37 +661,6 @@ class QcowFile:
             end = min(len(out), self._hdr.size - guest)
             self._read_unallocated(out[:end], guest)
 
-    def _sync(self) -> None:
-        """fdatasync: everything written so far (data and metadata) is durable."""
-        os.fdatasync(self._fd)
-        self._data_unsynced = False
-        self._rc_unsynced = False
-
-    def _pwritev(self, mv: memoryview, offset: int) -> None:
-        self._data_unsynced = True
-        done = os.pwritev(self._fd, [mv], offset)
-        while done < len(mv):
-            n = os.pwritev(self._fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            done += n
-        if offset + len(mv) > self._file_end:
-            self._file_end = offset + len(mv)
-
-    def _release(self, e: int) -> None:
-        """Queue the drop of a reference once the table that held it is durable."""
-        if not e:
-            return
-        if e & COMPRESSED:
-            host, length = self._compressed_range(e)
-            for c in range(host >> self._cb, (host + length - 1 >> self._cb) + 1):
-                self._pending_free.append(c)
-            self._zc_host = -1
-            return
-        host = e & OFFSET_MASK
-        if host:
-            self._pending_free.append(host >> self._cb)
-
     # ------------------------------------------------------------------ discard / zeroes
 
     def discard(self, offset: int, length: int) -> None:
@@ -866,12 +711,6 @@ class QcowFile:
     def _reads_zero_unallocated(self, cl: int) -> bool:
         b = self._backing
         return b is None or (cl << self._cb) >= b.virtual_size
-
-    def _entry(self, cl: int) -> int:
-        l1i = cl >> self._l2b
-        if l1i >= len(self._l1) or not self._l1[l1i] & OFFSET_MASK:
-            return 0
-        return self._load_l2(l1i)[cl & self._l2mask]
 
     def _zero_cluster(self, cl: int) -> None:
         e = self._entry(cl)
@@ -933,7 +772,7 @@ class QcowFile:
         new_l1.extend([0] * (entries - len(self._l1)))
         self._persist_refcounts(force_sync=True)
         raw = encode_u64_table(new_l1)
-        _pwrite_all(self._fd, raw + bytes(nclusters * cs - len(raw)), first << cb)
+        pwrite_all(self._fd, raw + bytes(nclusters * cs - len(raw)), first << cb)
         self._file_end = max(self._file_end, (first + nclusters) << cb)
         self._sync()
         old_off, old_size = self._hdr.l1_table_offset, self._hdr.l1_size
@@ -985,326 +824,13 @@ class QcowFile:
         self._set_incompat(self._hdr.incompatible_features & ~H.INCOMPAT_DIRTY)
         self._sync()
 
-    def _reload_refcounts(self) -> None:
-        """Forget cached refcounts after the refcount structures were rebuilt on disk."""
-        self._rb.clear()
-        self._reftable_dirty.clear()
-        self._l2.clear()
-        self._file_end = os.fstat(self._fd).st_size
-        self._load_tables()
-        self._hint = 0
-
     # ------------------------------------------------------------------ L1 / L2 tables
-
-    def _load_l2(self, l1i: int) -> array[int]:
-        off = self._l1[l1i] & OFFSET_MASK
-        if not off:
-            raise AssertionError("_load_l2 called for an unallocated L2 table")
-        table = self._l2.get(off)
-        if table is not None:
-            return table
-        raw = os.pread(self._fd, self._cs, off)
-        if len(raw) != self._cs:
-            raise CorruptImage("L2 table extends past the end of the file", off)
-        table = decode_u64_table(raw)
-        self._l2_put(off, table)
-        return table
-
-    def _l2_put(self, off: int, table: array[int]) -> None:
-        cache = self._l2
-        while cache.full():
-            victim = cache.victim()
-            if victim in cache.dirty:
-                # A dirty L2 may only reach the disk after the refcounts it relies on.
-                self._write_metadata()
-            cache.pop(victim)
-        cache.put(off, table)
-
-    def _writable_l2(self, l1i: int) -> array[int]:
-        """The L2 table for ``l1i``, owned by the active L1 alone (allocated or COWed here)."""
-        e = self._l1[l1i]
-        off = e & OFFSET_MASK
-        if off and e & COPIED and self._get_refcount(off >> self._cb) == 1:
-            return self._load_l2(l1i)
-        new_off = self._alloc() << self._cb
-        if not off:
-            table = array("Q", bytes(self._cs))
-        else:
-            # Shared with a snapshot. Refcounts count L1-to-cluster paths, so the clusters it
-            # maps keep their counts (our path now goes through the copy); only the old table
-            # loses a reference. COPIED is recomputed for the copy.
-            old = self._load_l2(l1i)
-            table = array("Q", old)
-            for i, entry in enumerate(table):
-                host = entry & OFFSET_MASK
-                if not host or entry & COMPRESSED:
-                    continue
-                if self._get_refcount(host >> self._cb) == 1:
-                    table[i] = entry | COPIED
-                else:
-                    table[i] = entry & ~COPIED
-        # (putting it in the cache may write back metadata: the L1 still points at the old
-        # table then, so the old table's decrement is queued only once the L1 entry changed)
-        self._l2_put(new_off, table)
-        self._l2.dirty.add(new_off)
-        self._meta.add(new_off >> self._cb)
-        self._l1[l1i] = new_off | COPIED
-        self._l1_dirty.add(l1i)
-        if off:
-            self._pending_free.append(off >> self._cb)
-        return table
 
     # ------------------------------------------------------------------ refcounts
 
-    def _refblock(self, ti: int, create: bool) -> RefBlock | None:
-        rb = self._rb.get(ti)
-        if rb is not None:
-            return rb
-        off = self._reftable[ti] if ti < len(self._reftable) else 0
-        if not off:
-            return self._new_refblock(ti) if create else None
-        raw = os.pread(self._fd, self._cs, off)
-        if len(raw) != self._cs:
-            raise CorruptImage("refcount block extends past the end of the file", off)
-        rb = RefBlock(self._hdr.refcount_order, raw)
-        self._rb_put(ti, rb)
-        return rb
-
-    def _rb_put(self, ti: int, rb: RefBlock) -> None:
-        cache = self._rb
-        while cache.full():
-            victim = cache.victim()
-            if victim in cache.dirty:
-                # Writing refcounts early is always safe (they never undercount the disk).
-                vb = cache.peek(victim)
-                assert vb is not None
-                _pwrite_all(self._fd, vb.to_bytes(), self._reftable[victim])
-                self._rc_unsynced = True
-            cache.pop(victim)
-        cache.put(ti, rb)
-
-    def _get_refcount(self, cluster: int) -> int:
-        rb = self._refblock(cluster >> self._rbb, False)
-        return 0 if rb is None else rb.get(cluster & self._rbmask)
-
-    def _add_refcount(self, cluster: int, delta: int) -> int:
-        ti = cluster >> self._rbb
-        rb = self._refblock(ti, True)
-        assert rb is not None
-        i = cluster & self._rbmask
-        value = rb.get(i) + delta
-        if value < 0:
-            raise CorruptImage("refcount would drop below zero", cluster << self._cb)
-        if value > rb.max_value:
-            raise Error(
-                f"refcount of cluster {cluster} would exceed {rb.max_value} "
-                f"(refcount_bits={self._hdr.refcount_bits})"
-            )
-        rb.set(i, value)
-        self._rb.dirty.add(ti)
-        return value
-
-    def _protected(self, c: int) -> bool:
-        """Clusters allocation never hands out, whatever the refcounts claim."""
-        return c in self._meta
-
-    def _alloc(self) -> int:
-        """Allocate one cluster (refcount 0 -> 1); returns its cluster index."""
-        rbb, rbmask = self._rbb, self._rbmask
-        while True:
-            c = self._hint
-            ti = c >> rbb
-            rb = self._refblock(ti, True)
-            assert rb is not None
-            j = rb.find_zero(c & rbmask)
-            if j < 0:
-                self._hint = (ti + 1) << rbb
-                continue
-            c = (ti << rbb) | j
-            self._hint = c + 1
-            if self._protected(c):
-                continue
-            rb.set(j, 1)
-            self._rb.dirty.add(ti)
-            end = (c + 1) << self._cb
-            if end > self._file_end:
-                self._file_end = end
-            return c
-
-    def _alloc_contiguous(self, n: int) -> int:
-        """Allocate ``n`` physically contiguous clusters (for L1 tables)."""
-        saved = self._hint
-        self._hint = -(-self._file_end // self._cs)
-        got: list[int] = []
-        while len(got) < n:
-            c = self._alloc()
-            if got and c != got[-1] + 1:
-                # a refcount block landed in the middle: give the run back, start after it
-                for old in got:
-                    self._add_refcount(old, -1)
-                got = []
-            got.append(c)
-        self._hint = saved
-        return got[0]
-
-    def _new_refblock(self, ti: int) -> RefBlock:
-        """Create the refcount block for table index ``ti``, stored inside the range it covers."""
-        if ti >= len(self._reftable):
-            self._grow_reftable(ti + 1)
-            rb = self._rb.get(ti)
-            if rb is not None:
-                return rb
-            if self._reftable[ti]:
-                found = self._refblock(ti, False)
-                assert found is not None
-                return found
-        rb = RefBlock(self._hdr.refcount_order, bytes(self._cs))
-        first = ti << self._rbb
-        place = first
-        while self._protected(place):
-            place += 1
-        rb.set(place - first, 1)
-        self._rb_put(ti, rb)
-        self._rb.dirty.add(ti)
-        self._reftable[ti] = place << self._cb
-        self._meta.add(place)
-        self._reftable_dirty.add(ti)
-        self._file_end = max(self._file_end, (place + 1) << self._cb)
-        return rb
-
-    def _grow_reftable(self, min_entries: int) -> None:
-        """Move the refcount table to a larger one at the end of the file.
-
-        The new table and the refcount blocks that describe it are written and synced before
-        the header points to them; the old table is freed afterwards.
-        """
-        cs, cb, rbb = self._cs, self._cb, self._rbb
-        per_cluster = cs // 8
-        old_n = len(self._reftable)
-        entries = max(min_entries, old_n * 2)
-        start = -(-self._file_end // cs)
-        while True:
-            t = -(-entries // per_cluster)
-            b = 0
-            while True:
-                lo = start >> rbb
-                hi = (start + t + b - 1) >> rbb
-                missing = [
-                    i
-                    for i in range(lo, hi + 1)
-                    if not (i < old_n and self._reftable[i]) and i not in self._rb
-                ]
-                if len(missing) == b:
-                    break
-                b = len(missing)
-            if hi < entries:
-                break
-            entries = hi + 1
-        t = -(-entries // per_cluster)
-        if t * cs > H.MAX_REFTABLE_BYTES:
-            raise Error("refcount table would exceed its maximum size")
-        new_table = array("Q", self._reftable)
-        new_table.extend([0] * (t * per_cluster - old_n))
-        for k, i in enumerate(missing):
-            new_table[i] = (start + t + k) << cb
-        self._reftable = new_table
-        for i in missing:
-            rb = RefBlock(self._hdr.refcount_order, bytes(cs))
-            self._rb_put(i, rb)
-            self._rb.dirty.add(i)
-        for c in range(start, start + t + b):
-            self._add_refcount(c, 1)
-            self._meta.add(c)
-        self._file_end = max(self._file_end, (start + t + b) << cb)
-        # persist: blocks, then the table, then the header switch
-        self._persist_refcounts(force_sync=True, skip_table=True)
-        _pwrite_all(self._fd, encode_u64_table(new_table), start << cb)
-        self._sync()
-        old_off, old_clusters = self._hdr.refcount_table_offset, self._hdr.refcount_table_clusters
-        self._hdr.refcount_table_offset = start << cb
-        self._hdr.refcount_table_clusters = t
-        self._write_header_fixed()
-        self._sync()
-        self._reftable_dirty.clear()
-        for c in range(old_off >> cb, (old_off >> cb) + old_clusters):
-            if self._add_refcount(c, -1) == 0:
-                self._meta.discard(c)
-            self._hint = min(self._hint, c)
-
     # ------------------------------------------------------------------ metadata write-back
 
-    def _persist_refcounts(self, *, force_sync: bool = False, skip_table: bool = False) -> None:
-        """Write dirty refcount blocks, then (after a sync) new refcount table entries."""
-        fd = self._fd
-        wrote = False
-        for ti in sorted(self._rb.dirty):
-            rb = self._rb.peek(ti)
-            if rb is not None:
-                _pwrite_all(fd, rb.to_bytes(), self._reftable[ti])
-                wrote = True
-        self._rb.dirty.clear()
-        if self._reftable_dirty and not skip_table:
-            if wrote:
-                self._sync()
-            base = self._hdr.refcount_table_offset
-            for ti in sorted(self._reftable_dirty):
-                _pwrite_all(fd, _U64.pack(self._reftable[ti]), base + 8 * ti)
-            self._reftable_dirty.clear()
-            wrote = True
-        if wrote or self._rc_unsynced or force_sync:
-            self._sync()
-
-    def _write_metadata(self) -> None:
-        """Write back metadata in crash-safe order; then apply deferred refcount drops.
-
-        1. refcount blocks (+ new refcount table entries), fdatasync   [skipped: lazy refcounts]
-        2. L2 tables, fdatasync
-        3. L1 entries, fdatasync
-        4. refcount decrements of clusters the tables no longer reference (in memory)
-        """
-        fd = self._fd
-        if not self._lazy and (self._rb.dirty or self._reftable_dirty or self._rc_unsynced):
-            self._persist_refcounts()
-        wrote = False
-        if self._l2.dirty and self._data_unsynced:
-            self._sync()  # data before the L2 entries that point at it (lazy mode needs this)
-        for off in sorted(self._l2.dirty):
-            table = self._l2.peek(off)
-            if table is not None:
-                _pwrite_all(fd, encode_u64_table(table), off)
-                wrote = True
-        self._l2.dirty.clear()
-        if self._l1_dirty:
-            if wrote:
-                self._sync()
-            base = self._hdr.l1_table_offset
-            for i in sorted(self._l1_dirty):
-                _pwrite_all(fd, _U64.pack(self._l1[i]), base + 8 * i)
-            self._l1_dirty.clear()
-            wrote = True
-        if wrote:
-            self._sync()
-        if self._pending_free:
-            pending, self._pending_free = self._pending_free, []
-            for c in pending:
-                if self._get_refcount(c) == 0:
-                    continue  # a corrupt image: never underflow
-                if self._add_refcount(c, -1) == 0:
-                    self._meta.discard(c)
-                    if c < self._hint:
-                        self._hint = c
-
     # ------------------------------------------------------------------ header
-
-    def _write_header_fixed(self) -> None:
-        _pwrite_all(self._fd, self._hdr.pack_fixed(), 0)
-
-    def _set_incompat(self, value: int) -> None:
-        if not self._v3 or value == self._hdr.incompatible_features:
-            return
-        self._hdr.incompatible_features = value
-        _pwrite_all(self._fd, _U64.pack(value), 72)
-        self._sync()
 
 
 def _resolve_backing(image_path: str, name: str) -> str:
