@@ -271,3 +271,35 @@ def test_refblock_find_zero(order: int, used: set[int], start: int) -> None:
         rb.set(i, 1)
     expected = next((i for i in range(start, n) if i not in used), -1)
     assert rb.find_zero(start) == expected
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_grown_area_reads_zeros(tmp_path: Path, version: int) -> None:
+    """Neither a larger backing file nor the tail of a partial last cluster shows through."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x5a" * (3 << 20))
+    with QcowFile.create(
+        tmp_path / "o.qcow2",
+        (1 << 20) + 1000,
+        cluster_size=4096,
+        backing_file="base.raw",
+        backing_format="raw",
+        version=version,
+    ) as img:
+        img.write_at(b"\x01" * 100, (1 << 20) + 900)  # allocates the partial last cluster
+        img.flush()
+        # put garbage past the end of the disk inside that cluster (another writer could have)
+        fd = img.fileno()
+        l1 = struct.unpack(">Q", os.pread(fd, 8, img.header.l1_table_offset))[0]
+        l2 = l1 & 0x00FF_FFFF_FFFF_FE00
+        entry = struct.unpack(">Q", os.pread(fd, 8, l2 + 8 * 256))[0]
+        host = entry & 0x00FF_FFFF_FFFF_FE00
+        os.pwrite(fd, b"\xee" * 3096, host + 1000)
+        img.resize(5 << 20)
+        data = img.read_at(0, 5 << 20)
+        assert img.check().ok
+    assert data[: (1 << 20) + 900] == b"\x5a" * ((1 << 20) + 900)
+    assert data[(1 << 20) + 900 : (1 << 20) + 1000] == b"\x01" * 100
+    assert data[(1 << 20) + 1000 :] == bytes(len(data) - (1 << 20) - 1000)
+    with QcowFile.open(tmp_path / "o.qcow2") as img:
+        assert img.read_at(0, 5 << 20) == data

@@ -523,7 +523,7 @@ class QcowFile(MappingLayer):
         last = (offset + length - 1) >> cb
         for cl in range(first, last + 1):
             l1i = cl >> l2b
-            if not self._l1[l1i] & OFFSET_MASK:
+            if l1i >= len(self._l1) or not self._l1[l1i] & OFFSET_MASK:
                 continue
             e = self._load_l2(l1i)[cl & l2mask]
             if not e:
@@ -682,23 +682,27 @@ class QcowFile(MappingLayer):
                 return
             self._validate_range(offset, length)
             self._begin_modify()
-            cb, cmask = self._cb, self._cmask
-            end = offset + length
-            first_full = (offset + cmask) & ~cmask
-            # the disk's last cluster may be partial: zeroing up to the end zeroes all of it
-            full_end = (end + cmask) & ~cmask if end == self._hdr.size else end & ~cmask
-            if offset < first_full:
-                self._zero_partial(offset, min(end, first_full) - offset)
-            if first_full <= full_end < end:
-                self._zero_partial(full_end, end - full_end)
-            cl, last = first_full >> cb, full_end >> cb
-            while cl < last:
-                l1i = cl >> self._l2b
-                if not self._l1[l1i] & OFFSET_MASK and self._reads_zero_unallocated(cl):
-                    cl = (l1i + 1) << self._l2b  # a whole L2 range that already reads as zeros
-                    continue
-                self._zero_cluster(cl)
-                cl += 1
+            self._zero_range(offset, length)
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        """write_zeroes without the checks (the caller validated the range)."""
+        cb, cmask = self._cb, self._cmask
+        end = offset + length
+        first_full = (offset + cmask) & ~cmask
+        # the disk's last cluster may be partial: zeroing up to the end zeroes all of it
+        full_end = (end + cmask) & ~cmask if end == self._hdr.size else end & ~cmask
+        if offset < first_full:
+            self._zero_partial(offset, min(end, first_full) - offset)
+        if first_full <= full_end < end:
+            self._zero_partial(full_end, end - full_end)
+        cl, last = first_full >> cb, full_end >> cb
+        while cl < last:
+            l1i = cl >> self._l2b
+            if not self._l1[l1i] & OFFSET_MASK and self._reads_zero_unallocated(cl):
+                cl = (l1i + 1) << self._l2b  # a whole L2 range that already reads as zeros
+                continue
+            self._zero_cluster(cl)
+            cl += 1
 
     def _zero_partial(self, offset: int, length: int) -> None:
         cl = offset >> self._cb
@@ -748,15 +752,32 @@ class QcowFile(MappingLayer):
                 raise UnsupportedFeature("shrinking an image")
             if new_size > H.MAX_VIRTUAL_SIZE:
                 raise OutOfRange(new_size, 0, H.MAX_VIRTUAL_SIZE)
-            if new_size == self._hdr.size:
+            old = self._hdr.size
+            if new_size == old:
                 return
-            self._begin_modify()
             per_l1 = self._cs * self._l2n
             need = -(-new_size // per_l1)
             if need * 8 > H.MAX_L1_BYTES:
                 raise OutOfRange(new_size, 0, H.MAX_L1_BYTES // 8 * per_l1)
+            # The new area must read as zeros, but two things could show through: the rest of
+            # a partial last cluster, and a backing file larger than the old size.
+            zero_end = min(new_size, (old + self._cmask) & ~self._cmask)
+            if self._backing is not None:
+                zero_end = max(zero_end, min(new_size, self._backing.virtual_size))
+            if zero_end > old:
+                self._validate_range(old, zero_end - old)
+            self._begin_modify()
             if need > len(self._l1):
                 self._grow_l1(need)
+            if zero_end > old:
+                # zeroed (and made durable) before the header shows the new size
+                self._hdr.size = new_size
+                try:
+                    self._zero_range(old, zero_end - old)
+                finally:
+                    self._hdr.size = old
+                self._write_metadata()
+                self._persist_refcounts()
             self._hdr.size = new_size
             self._write_header_fixed()
             self._sync()
