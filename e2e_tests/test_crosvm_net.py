@@ -211,10 +211,13 @@ def test_net_bench_frames_all_arrive(netns: Netns) -> None:
     frames, size = 3000, 1514
     netns.persistent_tap("pyctap0")
     cfg = GuestConfig("net-bench", params={"frames": frames, "size": size})
-    with netns.packet_socket("pyctap0") as sock:  # bound before the guest sends anything
-        with launch_in(netns, crosvm_net_argv(cfg, ["--tap-name", "pyctap0"])) as vm:
-            seen, nbytes = count_bench_frames(sock, frames, 120)
-            res = vm.wait(120).check().find("net_bench_frames")
+    # The socket is bound before the guest sends anything.
+    with (
+        netns.packet_socket("pyctap0") as sock,
+        launch_in(netns, crosvm_net_argv(cfg, ["--tap-name", "pyctap0"])) as vm,
+    ):
+        seen, nbytes = count_bench_frames(sock, frames, 120)
+        res = vm.wait(120).check().find("net_bench_frames")
     assert int(res["net_bench_frames"]) == frames
     assert seen == set(range(frames)), f"host saw {len(seen)} of {frames} frames"
     assert nbytes == frames * size
