@@ -328,3 +328,26 @@ def test_random_ops_with_two_snapshots(
     qemu_img("snapshot", "-a", "s1", str(img))
     _assert_clean(qemu_img, img)
     assert _read_all(img) == s1
+
+
+def test_bitmaps_become_inconsistent_not_corrupt(
+    tmp_path: Path, qemu_img: Peer, qemu_io: Peer
+) -> None:
+    img = tmp_path / "bm.qcow2"
+    qemu_img("create", "-f", "qcow2", str(img), "4M")
+    qemu_io(str(img), "write -P 1 0 64k")
+    qemu_img("bitmap", "--add", str(img), "b0")
+    qemu_io(str(img), "write -P 2 1M 64k")
+    with QcowFile.open(img) as q:
+        assert q.header.autoclear_features & 1
+        assert q.check().ok  # the bitmap's clusters are accounted for
+    with QcowFile.open(img, writable=True) as q:
+        q.write_at(b"x" * 1000, 2 << 20)
+        assert q.header.autoclear_features == 0  # cleared before the first write (spec)
+    peer = qemu_img("check", str(img), ok_codes=(0, 3))
+    with QcowFile.open(img) as q:
+        res = q.check()
+    assert res.corruptions == 0
+    assert res.leaks == (peer.stdout + peer.stderr).count("Leaked cluster") > 0
+    qemu_img("check", "-r", "leaks", str(img))
+    _assert_clean(qemu_img, img)

@@ -193,6 +193,10 @@ def _walk_snapshots(qf: QcowFile, cnt: _Counter, seen_l2: set[int]) -> None:
 
 
 def _walk_bitmaps(qf: QcowFile, cnt: _Counter) -> None:
+    # Without the autoclear bit the bitmaps are inconsistent (a writer without bitmap support,
+    # like us, touched the image): their clusters are then leaks, as qemu-img check says too.
+    if not qf.header.autoclear_features & H.AUTOCLEAR_BITMAPS:
+        return
     for ext in qf.header.extensions:
         if ext.kind != H.EXT_BITMAPS or len(ext.data) < 24:
             continue
