@@ -1,0 +1,524 @@
+"""virtio-vsock against a mock guest driver: the test plays the guest's vsock transport on the
+three virtqueues (through devices.testing.VirtQueueDriver) and real Unix sockets play the host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devices.testing import SubmittedChain, VirtQueueDriver, make_guest_memory
+from devices.virtio import Interrupt
+from devices.virtio.vsock import (
+    FIRST_LOCAL_PORT,
+    HDR_SIZE,
+    HOST_CID,
+    TYPE_STREAM,
+    VIRTIO_ID_VSOCK,
+    Header,
+    Op,
+    ShutdownFlags,
+    Vsock,
+    VsockError,
+    pack_header,
+    unpack_header,
+)
+from sys_util import EventFd
+
+CID = 3
+GUEST_PORT = 5000
+RX_BUF = HDR_SIZE + 4096
+
+
+class Guest:
+    """The guest side of a vsock transport over the mock virtqueue driver."""
+
+    def __init__(self, dev: Vsock, *, buf_alloc: int = 64 * 1024, rx_buffers: int = 64) -> None:
+        self.dev = dev
+        self.mem = make_guest_memory(48 << 20)
+        self.rx = VirtQueueDriver(self.mem, 0x10000, 256, data_base=0x100000, data_size=8 << 20)
+        self.tx = VirtQueueDriver(self.mem, 0x20000, 256, data_base=0x900000, data_size=8 << 20)
+        self.ev = VirtQueueDriver(self.mem, 0x30000, 64, data_base=0x1100000, data_size=1 << 16)
+        self.evts = [EventFd(), EventFd(), EventFd()]
+        self.irq = EventFd()
+        self.buf_alloc = buf_alloc
+        self.fwd_cnt = 0
+        self.posted: dict[int, SubmittedChain] = {}
+        self.backlog: list[bytes] = []  # used rx buffers read but not returned yet
+        dev.ack_features(dev.features())
+        queues = [d.make_queue(features=dev.acked_features) for d in (self.rx, self.tx, self.ev)]
+        for _ in range(4):
+            self.ev.add_request((), [4])
+        self.post_rx(rx_buffers)
+        dev.activate(self.mem, Interrupt(intx_evt=self.irq), queues, self.evts)
+
+    def post_rx(self, n: int, size: int = RX_BUF, *, kick: bool = True) -> None:
+        for _ in range(n):
+            chain = self.rx.add_request((), [size])
+            self.posted[chain.head] = chain
+        if kick:
+            self.rx.kick(self.evts[0])
+
+    def send(
+        self,
+        op: Op | int,
+        src_port: int = GUEST_PORT,
+        dst_port: int = 1234,
+        payload: bytes = b"",
+        *,
+        flags: int = 0,
+        length: int | None = None,
+        src_cid: int = CID,
+        dst_cid: int = HOST_CID,
+        type_: int = TYPE_STREAM,
+        raw: bytes | None = None,
+    ) -> None:
+        hdr = Header(
+            src_cid, dst_cid, src_port, dst_port, len(payload) if length is None else length,
+            type_, int(op), flags, self.buf_alloc, self.fwd_cnt,
+        )  # fmt: skip
+        data = raw if raw is not None else pack_header(hdr) + payload
+        self.tx.add_request([data])
+        self.tx.kick(self.evts[1])
+
+    def recv(self, timeout: float = 5.0, *, repost: bool = True) -> tuple[Header, bytes]:
+        if not self.backlog:
+            for head, length in self.rx.wait_used(1, timeout):
+                chain = self.posted.pop(head)
+                self.backlog.append(self.rx.read_writable(chain)[:length])
+        data = self.backlog.pop(0)
+        if repost:
+            self.post_rx(1)
+        return unpack_header(data), data[HDR_SIZE:]
+
+    def nothing_for(self, seconds: float) -> bool:
+        time.sleep(seconds)
+        return not self.pending()
+
+    def pending(self) -> bool:
+        return bool(self.backlog) or (self.rx.used_idx() - self.rx.last_used) & 0xFFFF != 0
+
+    def close(self) -> None:
+        self.dev.close()
+        for evt in (*self.evts, self.irq):
+            evt.close()
+        self.mem.close()
+
+
+@pytest.fixture
+def uds(tmp_path: Path) -> str:
+    return str(tmp_path / "v.sock")
+
+
+@pytest.fixture
+def guest(uds: str) -> Iterator[Guest]:
+    g = Guest(Vsock(CID, uds, connect_timeout=1.0))
+    yield g
+    g.close()
+
+
+def host_connect(g: Guest, uds: str, port: int = GUEST_PORT) -> tuple[socket.socket, int]:
+    """Host-initiated connection: CONNECT, the guest answers RESPONSE, the host reads OK."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(uds)
+    sock.sendall(f"CONNECT {port}\n".encode())
+    h, _ = g.recv()
+    assert (h.op, h.src_cid, h.dst_cid, h.dst_port, h.type) == (
+        Op.REQUEST, HOST_CID, CID, port, TYPE_STREAM,
+    )  # fmt: skip
+    assert h.src_port >= FIRST_LOCAL_PORT
+    g.send(Op.RESPONSE, port, h.src_port)
+    line = b""
+    while not line.endswith(b"\n"):
+        line += sock.recv(1)
+    assert line == f"OK {h.src_port}\n".encode()
+    return sock, h.src_port
+
+
+def assert_closed(sock: socket.socket) -> None:
+    """The device closed its end (EOF, or a reset when it closed with our bytes unread)."""
+    try:
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+
+
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, f"EOF after {len(out)} of {n} bytes"
+        out += chunk
+    return bytes(out)
+
+
+# -- device basics ---------------------------------------------------------------------------
+
+
+def test_device_identity_and_config(uds: str) -> None:
+    with Vsock(0x1_2345, uds) as dev:
+        assert dev.device_type == VIRTIO_ID_VSOCK == 19
+        assert len(dev.queue_max_sizes) == 3
+        assert dev.read_config(0, 8) == (0x1_2345).to_bytes(8, "little")
+        assert dev.read_config(4, 4) == bytes(4)
+        assert os.path.exists(uds)
+        assert dev.keep_fds()
+    assert not os.path.exists(uds)  # close removes the socket
+
+
+@pytest.mark.parametrize("cid", [0, 1, 2, 0xFFFF_FFFF, 1 << 40])
+def test_reserved_cids_are_refused(uds: str, cid: int) -> None:
+    with pytest.raises(VsockError):
+        Vsock(cid, uds)
+    assert not os.path.exists(uds)
+
+
+def test_live_socket_path_is_refused_and_stale_one_replaced(uds: str, tmp_path: Path) -> None:
+    with Vsock(CID, uds), pytest.raises(VsockError, match="listening"):
+        Vsock(CID, uds)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(uds)
+    stale.close()  # the file stays, nobody accepts
+    with Vsock(CID, uds):
+        pass
+    regular = tmp_path / "file"
+    regular.write_bytes(b"x")
+    with pytest.raises(VsockError, match="not a socket"):
+        Vsock(CID, str(regular))
+    assert regular.read_bytes() == b"x"
+
+
+# -- connection setup ------------------------------------------------------------------------
+
+
+def test_host_connects_to_guest_and_data_flows_both_ways(guest: Guest, uds: str) -> None:
+    sock, local = host_connect(guest, uds)
+    with sock:
+        sock.sendall(b"ping from host")
+        h, data = guest.recv()
+        assert (h.op, h.src_port, h.dst_port, data) == (Op.RW, local, GUEST_PORT, b"ping from host")
+        assert h.len == len(data)
+        assert h.buf_alloc == guest.dev.buf_alloc
+        guest.fwd_cnt += len(data)
+        guest.send(Op.RW, GUEST_PORT, local, b"pong from guest")
+        assert read_exact(sock, 15) == b"pong from guest"
+    assert guest.dev.stats["host_connected"] == 1
+
+
+def test_guest_connects_to_host_port(guest: Guest, uds: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(f"{uds}_1234")
+        listener.listen(1)
+        guest.send(Op.REQUEST, 7777, 1234)
+        h, _ = guest.recv()
+        assert (h.op, h.src_port, h.dst_port, h.src_cid) == (Op.RESPONSE, 1234, 7777, HOST_CID)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            guest.send(Op.RW, 7777, 1234, b"hello host")
+            assert read_exact(conn, 10) == b"hello host"
+            conn.sendall(b"hello guest")
+            h, data = guest.recv()
+            assert (h.op, h.dst_port, data) == (Op.RW, 7777, b"hello guest")
+
+
+def test_guest_connect_to_port_without_listener_is_reset(guest: Guest) -> None:
+    guest.send(Op.REQUEST, 7777, 4321)
+    h, _ = guest.recv()
+    assert (h.op, h.src_port, h.dst_port, h.dst_cid) == (Op.RST, 4321, 7777, CID)
+    assert guest.dev.connection_count() == 0
+
+
+def test_guest_refusing_a_host_connection_closes_the_host_socket(guest: Guest, uds: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(uds)
+        sock.sendall(b"CONNECT 6000\n")
+        h, _ = guest.recv()
+        assert h.op == Op.REQUEST
+        guest.send(Op.RST, 6000, h.src_port)
+        assert sock.recv(100) == b""  # EOF, no OK line
+    assert guest.dev.connection_count() == 0
+
+
+def test_guest_that_never_answers_times_out(guest: Guest, uds: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(uds)
+        sock.sendall(b"CONNECT 6001\n")
+        h, _ = guest.recv()
+        assert h.op == Op.REQUEST
+        assert sock.recv(100) == b""  # closed after connect_timeout
+        rst, _ = guest.recv()
+        assert (rst.op, rst.src_port, rst.dst_port) == (Op.RST, h.src_port, 6001)
+    assert guest.dev.stats["connect_timeout"] == 1
+
+
+@pytest.mark.parametrize(
+    "line", [b"HELLO\n", b"CONNECT x\n", b"CONNECT 99999999999\n", b"CONNECT 1" + b"0" * 80]
+)
+def test_bad_handshake_closes_the_host_socket(guest: Guest, uds: str, line: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(uds)
+        sock.sendall(line)
+        assert_closed(sock)
+    assert guest.nothing_for(0.05)
+
+
+def test_data_sent_right_after_connect_is_not_eaten_by_the_handshake(
+    guest: Guest, uds: str
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(uds)
+        sock.sendall(b"CONNECT 5000\nearly bytes")
+        h, _ = guest.recv()
+        guest.send(Op.RESPONSE, GUEST_PORT, h.src_port)
+        h2, data = guest.recv()
+        assert (h2.op, data) == (Op.RW, b"early bytes")
+        assert read_exact(sock, len(f"OK {h.src_port}\n")) == f"OK {h.src_port}\n".encode()
+
+
+# -- bulk data and credit ----------------------------------------------------------------------
+
+
+def test_host_to_guest_bulk_integrity_within_credit(guest: Guest, uds: str) -> None:
+    payload = os.urandom(3 << 20)
+    sock, local = host_connect(guest, uds)
+    sender = threading.Thread(target=sock.sendall, args=(payload,))
+    sender.start()
+    got = bytearray()
+    received = 0
+    try:
+        while len(got) < len(payload):
+            h, data = guest.recv()
+            if h.op == Op.CREDIT_UPDATE:
+                continue
+            assert h.op == Op.RW and h.len == len(data) > 0
+            received += len(data)
+            # never more in flight than the guest's buffer (it consumes in 16 KiB steps)
+            assert received - guest.fwd_cnt <= guest.buf_alloc
+            got += data
+            if received - guest.fwd_cnt >= 16 * 1024:
+                guest.fwd_cnt = received
+                guest.send(Op.CREDIT_UPDATE, GUEST_PORT, local)
+    finally:
+        sender.join(10)
+        sock.close()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def test_guest_that_stops_consuming_gets_exactly_its_buf_alloc(uds: str) -> None:
+    g = Guest(Vsock(CID, uds), buf_alloc=8192)
+    try:
+        sock, local = host_connect(g, uds)
+        with sock:
+            sock.sendall(os.urandom(100_000))
+            got = 0
+            while got < 8192:
+                h, data = g.recv()
+                assert h.op == Op.RW
+                got += len(data)
+            assert got == 8192
+            assert g.nothing_for(0.2)  # no credit: the device waits, the host socket fills
+            g.fwd_cnt = 8192
+            g.send(Op.CREDIT_UPDATE, GUEST_PORT, local)
+            h, data = g.recv()
+            assert h.op == Op.RW and len(data) == 4096
+    finally:
+        g.close()
+
+
+def test_guest_to_host_bulk_integrity_with_a_slow_host_reader(guest: Guest, uds: str) -> None:
+    payload = os.urandom(2 << 20)
+    sock, local = host_connect(guest, uds)
+    host_got = bytearray()
+
+    def slow_reader() -> None:
+        while True:
+            chunk = sock.recv(32 * 1024)
+            if not chunk:
+                return
+            host_got.extend(chunk)
+            time.sleep(0.0005)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    peer_alloc, peer_fwd, sent, pos = guest.dev.buf_alloc, 0, 0, 0
+    try:
+        while pos < len(payload):
+            credit = peer_alloc - (sent - peer_fwd)
+            if credit <= 0:
+                guest.send(Op.CREDIT_REQUEST, GUEST_PORT, local)
+                h, _ = guest.recv()
+                assert h.op == Op.CREDIT_UPDATE
+                peer_alloc, peer_fwd = h.buf_alloc, h.fwd_cnt
+                continue
+            n = min(credit, 16 * 1024, len(payload) - pos)
+            guest.send(Op.RW, GUEST_PORT, local, payload[pos : pos + n])
+            pos += n
+            sent += n
+            # pick up unsolicited credit updates without waiting
+            while guest.pending():
+                h, _ = guest.recv()
+                assert h.op == Op.CREDIT_UPDATE
+                peer_alloc, peer_fwd = h.buf_alloc, h.fwd_cnt
+        guest.send(Op.SHUTDOWN, GUEST_PORT, local, flags=ShutdownFlags.BOTH)
+        reader.join(30)
+        h, _ = guest.recv()
+        while h.op == Op.CREDIT_UPDATE:
+            h, _ = guest.recv()
+        assert h.op == Op.RST
+    finally:
+        sock.close()
+        reader.join(5)
+    assert guest.dev.stats["credit_violation"] == 0
+    assert hashlib.sha256(host_got).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def test_guest_overrunning_our_credit_is_reset(guest: Guest, uds: str) -> None:
+    sock, local = host_connect(guest, uds)  # the host never reads
+    with sock:
+        for _ in range(guest.dev.buf_alloc // 16384 + 40):
+            guest.send(Op.RW, GUEST_PORT, local, bytes(16384))
+            if guest.dev.stats["credit_violation"]:
+                break
+            time.sleep(0.001)
+        deadline = time.monotonic() + 5
+        while not guest.dev.stats["credit_violation"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert guest.dev.stats["credit_violation"] == 1
+        ops = []
+        while guest.pending() or Op.RST not in ops:
+            ops.append(guest.recv()[0].op)
+        assert Op.RST in ops
+        assert guest.dev.connection_count() == 0
+
+
+# -- shutdown ------------------------------------------------------------------------------------
+
+
+def test_guest_shutdown_send_gives_host_eof_then_host_close_resets(guest: Guest, uds: str) -> None:
+    sock, local = host_connect(guest, uds)
+    with sock:
+        guest.send(Op.RW, GUEST_PORT, local, b"last words")
+        guest.send(Op.SHUTDOWN, GUEST_PORT, local, flags=ShutdownFlags.SEND)
+        assert read_exact(sock, 10) == b"last words"
+        assert sock.recv(10) == b""  # EOF for the host reader
+        sock.sendall(b"still talking")  # the other direction stays open
+        h, data = guest.recv()
+        assert (h.op, data) == (Op.RW, b"still talking")
+        sock.shutdown(socket.SHUT_WR)
+        h, _ = guest.recv()
+        assert (h.op, h.flags) == (Op.SHUTDOWN, ShutdownFlags.SEND)
+        h, _ = guest.recv()
+        assert h.op == Op.RST  # both directions finished
+    assert guest.dev.connection_count() == 0
+
+
+def test_host_close_becomes_shutdown_and_guest_close_gets_rst(guest: Guest, uds: str) -> None:
+    sock, local = host_connect(guest, uds)
+    sock.sendall(b"bye")
+    sock.close()
+    h, data = guest.recv()
+    assert (h.op, data) == (Op.RW, b"bye")
+    h, _ = guest.recv()
+    assert (h.op, h.flags) == (Op.SHUTDOWN, ShutdownFlags.SEND)
+    guest.send(Op.SHUTDOWN, GUEST_PORT, local, flags=ShutdownFlags.BOTH)
+    h, _ = guest.recv()
+    assert (h.op, h.src_port, h.dst_port) == (Op.RST, local, GUEST_PORT)
+    assert guest.dev.connection_count() == 0
+
+
+def test_guest_rst_closes_the_host_socket(guest: Guest, uds: str) -> None:
+    sock, local = host_connect(guest, uds)
+    with sock:
+        guest.send(Op.RST, GUEST_PORT, local)
+        assert sock.recv(10) == b""
+    assert guest.nothing_for(0.05)  # an RST is never answered
+
+
+# -- hostile packets -------------------------------------------------------------------------
+
+
+def test_hostile_packets_are_dropped_or_reset_and_the_device_keeps_serving(
+    guest: Guest, uds: str
+) -> None:
+    sock, local = host_connect(guest, uds)
+    with sock:
+        guest.send(0, raw=b"\x01" * 20)  # shorter than a header: dropped
+        guest.send(Op.RW, GUEST_PORT, local, b"x", src_cid=CID + 1)  # spoofed source: dropped
+        assert guest.nothing_for(0.05)
+        guest.send(Op.RW, GUEST_PORT, 9, b"abc")  # no such connection
+        assert guest.recv()[0].op == Op.RST
+        guest.send(Op.REQUEST, 7, 8, dst_cid=42)  # not the host
+        h, _ = guest.recv()
+        assert (h.op, h.src_cid) == (Op.RST, 42)
+        guest.send(Op.REQUEST, 7, 8, type_=2)  # SEQPACKET
+        assert guest.recv()[0].op == Op.RST
+        guest.send(Op.RW, GUEST_PORT, local, b"abc", length=0xFFFF_FFF0)  # len past the buffer
+        h, _ = guest.recv()
+        assert (h.op, h.dst_port) == (Op.RST, GUEST_PORT)
+        assert sock.recv(10) == b""  # that connection is gone
+    sock2, local2 = host_connect(guest, uds)
+    with sock2:
+        guest.send(99, GUEST_PORT, local2)  # unknown op
+        assert guest.recv()[0].op == Op.RST
+        assert sock2.recv(10) == b""
+    sock3, local3 = host_connect(guest, uds)
+    with sock3:
+        guest.send(Op.REQUEST, GUEST_PORT, local3)  # REQUEST on a live pair
+        assert guest.recv()[0].op == Op.RST
+    # still serving
+    sock4, local4 = host_connect(guest, uds)
+    with sock4:
+        guest.send(Op.RW, GUEST_PORT, local4, b"fine")
+        assert read_exact(sock4, 4) == b"fine"
+    assert guest.dev.stats["bad_packet"] >= 6
+
+
+def test_tiny_rx_buffers_are_skipped(uds: str) -> None:
+    g = Guest(Vsock(CID, uds), rx_buffers=0)
+    try:
+        g.post_rx(2, size=10)
+        g.post_rx(1)
+        g.send(Op.REQUEST, 7777, 4321)
+        used = g.rx.wait_used(3)
+        assert [n for _, n in used] == [0, 0, HDR_SIZE]
+        assert g.dev.stats["bad_rx_buffer"] == 2
+    finally:
+        g.close()
+
+
+def test_replies_wait_for_rx_buffers_without_loss(uds: str) -> None:
+    g = Guest(Vsock(CID, uds), rx_buffers=0)
+    try:
+        for port in range(20):
+            g.send(Op.REQUEST, 7000 + port, 4321)
+        assert g.nothing_for(0.05)
+        g.post_rx(20)
+        ports = sorted(g.recv(repost=False)[0].dst_port for _ in range(20))
+        assert ports == list(range(7000, 7020))
+    finally:
+        g.close()
+
+
+def test_reset_drops_connections_and_device_can_be_reactivated(uds: str) -> None:
+    g = Guest(Vsock(CID, uds))
+    try:
+        sock, _ = host_connect(g, uds)
+        with sock:
+            assert g.dev.reset()
+            assert sock.recv(10) == b""
+            assert g.dev.connection_count() == 0
+    finally:
+        g.close()
