@@ -64,6 +64,8 @@ class Config:
     balloon: bool = True
     rng: bool = True
     cid: int | None = None
+    #: virtio-vsock host socket (default: $TMPDIR/crosvm-vsock-<cid>.sock)
+    vsock_uds: Path | None = None
     net: list[NetOption] = field(default_factory=list)
 
     @property
@@ -189,6 +191,10 @@ def build_run_parser() -> argparse.ArgumentParser:
     balloon.add_argument("--no-balloon", dest="balloon", action="store_false")
     parser.add_argument("--no-rng", dest="rng", action="store_false", help="no virtio-rng")
     parser.add_argument("--cid", type=_positive_int("--cid", 0xFFFFFFFE), metavar="CID")
+    parser.add_argument(
+        "--vsock-uds", type=Path, metavar="PATH",
+        help="virtio-vsock host socket (default $TMPDIR/crosvm-vsock-CID.sock); needs --cid",
+    )  # fmt: skip
     parser.add_argument("--host_ip", "--host-ip", dest="host_ip", type=_ipv4, metavar="IP")
     parser.add_argument("--netmask", type=_netmask, metavar="MASK")
     parser.add_argument("--mac", type=_mac, metavar="MAC")
@@ -239,5 +245,6 @@ def parse_run_args(argv: Sequence[str]) -> Config:
         balloon=ns.balloon,
         rng=ns.rng,
         cid=ns.cid,
+        vsock_uds=ns.vsock_uds,
         net=net,
     )

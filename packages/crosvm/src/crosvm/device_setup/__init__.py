@@ -12,13 +12,20 @@ import contextlib
 from collections.abc import Callable
 
 from crosvm.config import Config
-from crosvm.device_setup import balloon, block, console, net, rng
+from crosvm.device_setup import balloon, block, console, net, rng, vsock
 from devices.serial import SerialParameters
 from devices.virtio import VirtioDevice
 
 Creator = Callable[[Config, list[SerialParameters], contextlib.ExitStack], list[VirtioDevice]]
 
-CREATORS: list[Creator] = [console.create, block.create, rng.create, balloon.create, net.create]
+CREATORS: list[Creator] = [
+    console.create,
+    block.create,
+    rng.create,
+    balloon.create,
+    net.create,
+    vsock.create,
+]
 
 
 def create_virtio_devices(
