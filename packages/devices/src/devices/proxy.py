@@ -91,6 +91,9 @@ def policy_dir(arch: str = "x86_64") -> Path:
     return Path(str(resources.files("devices") / "seccomp" / arch))
 
 
+_shipped_policies = policy_dir  # Sandbox's parameter of the same name shadows the function
+
+
 # -- wire format ---------------------------------------------------------------------------------
 
 
@@ -899,7 +902,7 @@ class Sandbox:
         on_device_death: Callable[[DeviceDeath], None] | None = None,
         seccomp: bool = True,
     ) -> None:
-        self.policy_dir = Path(policy_dir) if policy_dir is not None else globals()["policy_dir"]()
+        self.policy_dir = Path(policy_dir) if policy_dir is not None else _shipped_policies()
         self.log_failures = log_failures
         self.timeout = timeout
         self.seccomp = seccomp
