@@ -248,3 +248,21 @@ def test_data_cluster_aliasing_metadata_is_never_written(image: Path, target: st
         q.write_at(b"\x01" * 10, 2 * CS)  # elsewhere writes still work
         assert q.read_at(2 * CS, 10) == b"\x01" * 10
     assert _digest(image) != before
+
+
+def test_hostile_snapshot_table_is_bounded(image: Path) -> None:
+    """Thousands of snapshots with huge L1 tables: refused quickly, not read."""
+    size = image.stat().st_size
+    table_off = -(-size // CS) * CS
+    entries = b"".join(
+        struct.pack(">QIHHIIQII", (k + 1) * CS, 4 << 20, 0, 0, 0, 0, 0, 0, 0) for k in range(1000)
+    )
+    with open(image, "r+b") as f:
+        f.seek(table_off)
+        f.write(entries)
+    _patch(image, 60, ">IQ", 1000, table_off)
+    before = _digest(image)
+    for writable in (False, True):
+        with pytest.raises(qcow.InvalidImage, match="snapshot"):
+            QcowFile.open(image, writable=writable)
+    assert _digest(image) == before

@@ -19,7 +19,10 @@ from qcow._tables import (
     decode_u64_table,
     encode_u64_table,
 )
-from qcow.errors import CorruptImage
+from qcow.errors import CorruptImage, InvalidImage
+
+# Total bytes of snapshot L1 tables read at open (a real image is far below this).
+_SNAPSHOT_L1_BUDGET = 256 << 20
 
 
 class MappingLayer(RefcountLayer):
@@ -69,6 +72,8 @@ class MappingLayer(RefcountLayer):
         meta.update(e >> cb for e in self._reftable if e)
         meta.update((e & OFFSET_MASK) >> cb for e in self._l1 if e & OFFSET_MASK)
         pos = hdr.snapshots_offset
+        seen: set[tuple[int, int]] = set()
+        budget = _SNAPSHOT_L1_BUDGET
         for _ in range(hdr.nb_snapshots):
             fixed = os.pread(fd, 40, pos)
             if len(fixed) != 40:
@@ -77,8 +82,13 @@ class MappingLayer(RefcountLayer):
             (extra,) = struct.unpack_from(">I", fixed, 36)
             pos += 40 + extra + id_len + name_len
             pos += -pos % 8
-            if l1_size * 8 > H.MAX_L1_BYTES or l1_off % cs:
+            if l1_size * 8 > H.MAX_L1_BYTES or l1_off % cs or (l1_off, l1_size) in seen:
                 continue
+            seen.add((l1_off, l1_size))
+            budget -= l1_size * 8
+            if budget < 0:
+                # a hostile table could make us read terabytes here
+                raise InvalidImage("snapshot L1 tables are implausibly large")
             span(l1_off, l1_size * 8)
             raw = os.pread(fd, l1_size * 8, l1_off)
             table = decode_u64_table(raw[: len(raw) // 8 * 8])
