@@ -345,3 +345,22 @@ def test_wait_timeout_and_report_object(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         report.fileno()
     assert info.value.errno == errno.EBADF
+
+
+def test_intermediate_process_holds_no_fds() -> None:
+    jail = Minijail().namespace_user().namespace_pids().run_as_init()
+    held = os.open("/dev/null", os.O_RDONLY)
+    try:
+        pid = jail.fork(keep_fds=[held])
+        if pid == 0:  # pragma: no cover - child
+            try:
+                signal.pause()
+            finally:
+                os._exit(0)
+        # `pid` is the intermediate outside the PID namespace; it only waits for the jailed
+        # process, without a copy of any of our fds (or of `held`, which the jail keeps).
+        assert os.listdir(f"/proc/{pid}/fd") == []
+        os.kill(pid, signal.SIGKILL)  # its death takes the jailed process with it (pdeathsig)
+        assert jail.wait(pid, timeout=10).signal == signal.SIGKILL
+    finally:
+        os.close(held)

@@ -276,9 +276,9 @@ class Minijail:
                 step = "fork into the PID namespace"
                 inner = os.fork()
                 if inner != 0:
-                    os.close(status_w)
-                    if report_w >= 0:
-                        os.close(report_w)
+                    # The intermediate only waits: it must not keep the VMM's fds alive
+                    # (sockets would not hang up, images would stay locked).
+                    _close_all_but(set())
                     _mirror(inner, from_init=not self._run_as_init)
                 sj.set_pdeathsig(signal.SIGKILL)  # the intermediate is our parent now
             extra = {status_w, *keep, *([report_w] if report_w >= 0 else [])}
@@ -287,7 +287,7 @@ class Minijail:
                 step = "init"
                 program_pid = os.fork()
                 if program_pid != 0:
-                    os.close(status_w)
+                    _close_all_but(set())
                     _init(program_pid)
             step = "seccomp"
             os.close(status_w)  # the parent's fork() returns now; a seccomp failure exits
