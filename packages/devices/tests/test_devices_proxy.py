@@ -34,7 +34,7 @@ from devices.proxy import (
     policy_dir,
 )
 from devices.testing import FakeIrqRouter, VirtQueueDriver, make_guest_memory
-from devices.virtio import Block, DeviceStatus, Rng, VirtioPciDevice
+from devices.virtio import Block, Console, DeviceStatus, Rng, VirtioPciDevice
 from devices.virtio.block import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
 from io_jail import NotSingleThreaded, Policy
 from msg_socket import MsgSocket
@@ -398,3 +398,39 @@ def test_monitor_closed_behaviour() -> None:
     assert monitor.closed
     with pytest.raises(OSError):
         monitor.fileno()
+
+
+@pytest.mark.root
+def test_proxied_console_moves_bytes_both_ways(mem: GuestMemory) -> None:
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+
+    def factory(ctx: Ctx) -> VirtioPciDevice:
+        return VirtioPciDevice(Console(in_r, out_w), ctx.memory)
+
+    try:
+        with Sandbox(log_failures=True) as sandbox:
+            proxy = sandbox.sandboxed(factory, "console_device")(Ctx(mem, FakeIrqRouter()))
+            irq, resample = _place(proxy)
+            sandbox.start()
+            with MainLoop(sandbox), irq, resample:
+                drv = Driver(proxy)
+                assert drv.negotiate()
+                rx = VirtQueueDriver(mem, 0x30000, 16)
+                tx = VirtQueueDriver(mem, 0x38000, 16)
+                drv.setup_queue(0, rx)
+                drv.setup_queue(1, tx)
+                drv.driver_ok()
+                rx_chain = rx.add_request([], [64])
+                proxy.write(0x3000, b"\0\0")
+                tx_chain = tx.add_request([b"from the guest\n"], [])
+                proxy.write(0x3004, b"\1\0")
+                assert tx.wait_used(1, timeout=10) == [(tx_chain.head, 0)]
+                assert os.read(out_r, 100) == b"from the guest\n"
+                os.write(in_w, b"typed")
+                assert rx.wait_used(1, timeout=10) == [(rx_chain.head, 5)]
+                assert rx.read_writable(rx_chain)[:5] == b"typed"
+            assert sandbox.monitor.deaths == []
+    finally:
+        for fd in (in_r, in_w, out_r, out_w):
+            os.close(fd)
