@@ -974,7 +974,12 @@ class Sandbox:
         return build
 
     def start(self) -> None:
-        """Fork every device built so far into its jail (call before any thread starts)."""
+        """Fork every device built so far into its jail.
+
+        Call it from the main thread (the device processes get SIGKILL when the thread that
+        forked them exits: ``PR_SET_PDEATHSIG``), after ``build_vm`` and before any other thread
+        starts (vCPUs, serial input threads): :class:`~io_jail.NotSingleThreaded` otherwise.
+        """
         for proxy in self.proxies:
             if not proxy.started:
                 proxy.start()
