@@ -28,6 +28,7 @@ from devices.serial import (
 if TYPE_CHECKING:
     from devices.irq import IoEvent, IrqRouter
     from devices.pci import PciAddress, PciConfigIo, PciDevice, PciError, PciRoot
+    from devices.proxy import ProxyDevice, Sandbox
     from devices.virtio import (
         Block,
         Console,
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
         VirtioError,
         VirtioPciDevice,
     )
+    from devices.virtio.balloon import Balloon
+    from devices.virtio.net import Net, Tap
+    from devices.virtio.vsock import Vsock
 
 # name -> module that defines it; imported on first attribute access.
 _LAZY = {
@@ -58,6 +62,12 @@ _LAZY = {
     "VirtioDevice": "devices.virtio",
     "VirtioError": "devices.virtio",
     "VirtioPciDevice": "devices.virtio",
+    "Balloon": "devices.virtio.balloon",
+    "Net": "devices.virtio.net",
+    "Tap": "devices.virtio.net",
+    "Vsock": "devices.virtio.vsock",
+    "ProxyDevice": "devices.proxy",
+    "Sandbox": "devices.proxy",
 }
 
 
@@ -76,6 +86,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "I8042",
+    "Balloon",
     "Block",
     "Bus",
     "BusDevice",
@@ -89,21 +100,26 @@ __all__ = [
     "InvalidChain",
     "IoEvent",
     "IrqRouter",
+    "Net",
     "PciAddress",
     "PciConfigIo",
     "PciDevice",
     "PciError",
     "PciRoot",
+    "ProxyDevice",
     "Queue",
     "Rng",
+    "Sandbox",
     "Serial",
     "SerialConfigError",
     "SerialHardware",
     "SerialParameters",
     "SerialType",
+    "Tap",
     "VirtioDevice",
     "VirtioError",
     "VirtioPciDevice",
+    "Vsock",
     "__version__",
     "create_com_ports",
 ]

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
         InvalidQueue,
         VirtioError,
     )
+    from devices.virtio.net import NetError, TapError
+    from devices.virtio.vsock import VsockError
 
 __all__ = [
     "BarAllocationError",
@@ -30,10 +32,13 @@ __all__ = [
     "Error",
     "InvalidChain",
     "InvalidQueue",
+    "NetError",
     "PciError",
     "PciSlotsExhausted",
     "SerialConfigError",
+    "TapError",
     "VirtioError",
+    "VsockError",
 ]
 
 # The PCI and virtio errors live beside their code (they import this module for Error); they
@@ -49,6 +54,9 @@ _ELSEWHERE = {
     "InvalidChain": "devices.virtio",
     "InvalidQueue": "devices.virtio",
     "VirtioError": "devices.virtio",
+    "NetError": "devices.virtio.net",
+    "TapError": "devices.virtio.net",
+    "VsockError": "devices.virtio.vsock",
 }
 
 
