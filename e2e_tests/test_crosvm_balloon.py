@@ -10,23 +10,32 @@ allocated blocks fall when the guest inflates.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import struct
 import subprocess
+import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from fixture import GuestConfig, GuestVm, build_guest, crosvm_command, run_guest
 
-pytestmark = [pytest.mark.kvm]
+from crosvm import control, vm
+from devices.testing import VirtQueueDriver, make_guest_memory
+from devices.virtio import Interrupt, VirtioPciDevice
+from devices.virtio.balloon import Balloon, BalloonStat
+from sys_util import EventFd
 
 CROSVM = shutil.which("crosvm") or "crosvm"
 TIMEOUT = 120.0
 MIB = 1 << 20
 
 
-def control(*args: str) -> subprocess.CompletedProcess[str]:
+def crosvm_cmd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CROSVM, *args], capture_output=True, text=True, timeout=30)
 
 
@@ -60,8 +69,10 @@ def guest_memfd_bytes(pid: int) -> int:
     return blocks * 512
 
 
-def test_self_mode_pages_come_back_zeroed() -> None:
-    cfg = GuestConfig("balloon", {"pages": 1024}, balloon=True)
+@pytest.mark.kvm
+@pytest.mark.parametrize("irq", ["poll", "msix", "intx"])
+def test_self_mode_pages_come_back_zeroed(irq: str) -> None:
+    cfg = GuestConfig("balloon", {"pages": 1024, "irq": irq}, balloon=True)
     result = run_guest(cfg, vmm="crosvm", crosvm=CROSVM, timeout=TIMEOUT)
     entry = result.find("balloon_pages")
     assert entry["actual_inflated"] == "1024" and entry["actual_after"] == "0"
@@ -71,6 +82,7 @@ def test_self_mode_pages_come_back_zeroed() -> None:
     assert result.returncode == 0
 
 
+@pytest.mark.kvm
 def test_host_target_inflates_and_gives_memory_back(tmp_path: Path) -> None:
     sock = tmp_path / "vm.sock"
     pages = 16384  # 64 MiB: the guest's pool (zero-filled, so resident on the host)
@@ -83,7 +95,7 @@ def test_host_target_inflates_and_gives_memory_back(tmp_path: Path) -> None:
         pid = vm.proc.pid
         rss_before, memfd_before = rss_bytes(pid), guest_memfd_bytes(pid)
 
-        assert control("balloon", "64M", str(sock)).returncode == 0
+        assert crosvm_cmd("balloon", "64M", str(sock)).returncode == 0
         vm.wait_for(r"RESULT balloon_inflated=", TIMEOUT)
         rss_after, memfd_after = rss_bytes(pid), guest_memfd_bytes(pid)
         print(f"RSS {rss_before / MIB:.1f} -> {rss_after / MIB:.1f} MiB, guest memfd "
@@ -92,13 +104,13 @@ def test_host_target_inflates_and_gives_memory_back(tmp_path: Path) -> None:
         assert rss_before - rss_after >= 60 * MIB
 
         # The C guest does not negotiate the stats queue: crosvm still reports the size.
-        stats = control("balloon_stats", str(sock))
+        stats = crosvm_cmd("balloon_stats", str(sock))
         assert stats.returncode == 0, stats.stderr
         reply = json.loads(stats.stdout)
         assert reply["balloon_actual"] == 64 * MIB
         assert reply["free_memory"] is None and reply["total_memory"] is None
 
-        assert control("balloon", "0", str(sock)).returncode == 0
+        assert crosvm_cmd("balloon", "0", str(sock)).returncode == 0
         result = vm.wait(TIMEOUT)
     assert result.status == "ok", result.output
     assert result.find("balloon_inflated")["balloon_inflated"] == str(pages)
@@ -106,13 +118,73 @@ def test_host_target_inflates_and_gives_memory_back(tmp_path: Path) -> None:
     assert result.returncode == 0
 
 
+@pytest.mark.kvm
 def test_balloon_commands_without_a_balloon(tmp_path: Path) -> None:
     sock = tmp_path / "vm.sock"
     with vm_with_socket(GuestConfig("serial-echo"), sock) as vm:  # --no-balloon
         vm.wait_for("READY serial-echo", TIMEOUT)
         for args in (["balloon", "1M"], ["balloon_stats"]):
-            result = control(*args, str(sock))
+            result = crosvm_cmd(*args, str(sock))
             assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
             assert "Traceback" not in result.stderr
-        assert control("stop", str(sock)).returncode == 0
+        assert crosvm_cmd("stop", str(sock)).returncode == 0
         assert vm.wait(30).returncode == 0
+
+
+# --- the control path with a stats-capable driver (the mock driver; no VM) ------------------
+
+
+def test_controller_adjust_and_stats_with_a_stats_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """crosvm's control handler against a balloon whose driver uses the stats queue.
+
+    The C guest does not negotiate VIRTIO_BALLOON_F_STATS_VQ, so this drives the same handler
+    with the mock virtqueue driver playing a Linux-like guest.
+    """
+    with make_guest_memory(4 << 20) as mem:
+        balloon = Balloon()
+        pci = VirtioPciDevice(balloon, mem)
+        try:
+            balloon.ack_features(balloon.features())
+            feat = balloon.acked_features
+            drivers = [VirtQueueDriver(mem, 0x10000 * (i + 1), 16, data_base=0x100000 * (i + 1),
+                                       data_size=0x40000) for i in range(3)]  # fmt: skip
+            evts = [EventFd(), EventFd(), EventFd()]
+            first = struct.pack("<HQ", BalloonStat.MEMFREE, 1)
+            drivers[2].add_request([first])
+            queues = [d.make_queue(features=feat) for d in drivers]
+            balloon.activate(mem, Interrupt(), queues, evts)
+            fake_vm: Any = SimpleNamespace(pci_devices=[(None, pci)])
+            handler = vm._Controller(None, fake_vm)  # type: ignore[arg-type]
+
+            assert handler.handle(control.BalloonCommand(control.Adjust(8 << 20))) == control.Ok()
+            assert balloon.num_pages == 2048
+            balloon.write_config(4, struct.pack("<I", 512))  # the driver reports 512 pages
+
+            fresh = {BalloonStat.MEMFREE: 100 << 20, BalloonStat.MEMTOT: 256 << 20,
+                     BalloonStat.MAJFLT: 7, BalloonStat.CACHES: 3 << 20}  # fmt: skip
+
+            def answer() -> None:
+                drivers[2].wait_used(1)
+                drivers[2].add_request(
+                    [b"".join(struct.pack("<HQ", t, v) for t, v in fresh.items())]
+                )
+                drivers[2].kick(evts[2])
+
+            t = threading.Thread(target=answer, daemon=True)
+            t.start()
+            reply = handler.handle(control.BalloonCommand(control.Stats()))
+            t.join()
+            assert reply == control.BalloonStats(
+                balloon_actual=512 * 4096, swap_in=None, swap_out=None, major_faults=7,
+                minor_faults=None, free_memory=100 << 20, total_memory=256 << 20,
+                available_memory=None, disk_caches=3 << 20,
+            )  # fmt: skip
+
+            # A driver that never answers: an error within the (shortened) timeout.
+            monkeypatch.setattr(vm, "BALLOON_STATS_TIMEOUT", 0.2)
+            reply = handler.handle(control.BalloonCommand(control.Stats()))
+            assert reply == control.Err(errno.ETIMEDOUT)
+            for e in evts:
+                e.close()
+        finally:
+            pci.close()
