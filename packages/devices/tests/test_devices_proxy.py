@@ -434,3 +434,26 @@ def test_proxied_console_moves_bytes_both_ways(mem: GuestMemory) -> None:
     finally:
         for fd in (in_r, in_w, out_r, out_w):
             os.close(fd)
+
+
+@pytest.mark.root
+def test_disk_resize_reaches_the_jailed_block_device(mem: GuestMemory, image: Path) -> None:
+    with Sandbox(log_failures=True) as sandbox:
+        proxy = sandbox.sandboxed(_block_factory(image), "block_device")(Ctx(mem, FakeIrqRouter()))
+        irq, resample = _place(proxy)
+        sandbox.start()
+        with irq, resample:
+            assert int.from_bytes(proxy.read(0x2000, 8), "little") == (64 << 10) // 512
+            proxy.resize_disk(1 << 20)
+            assert image.stat().st_size == 1 << 20
+            assert int.from_bytes(proxy.read(0x2000, 8), "little") == (1 << 20) // 512
+            with pytest.raises(OSError):
+                proxy.resize_disk(1 << 62)  # beyond any file size: the device's error
+            with pytest.raises(OSError):
+                proxy.resize_disk(1 << 70)  # not even encodable: refused here
+            assert proxy.alive
+        assert sandbox.monitor.deaths == []
+    rng = ProxyDevice(VirtioPciDevice(Rng(), mem), Sandbox(seccomp=False).jail(None))
+    with rng, pytest.raises(OSError) as info:
+        rng.resize_disk(4096)
+    assert info.value.errno == 25  # ENOTTY: no disk
