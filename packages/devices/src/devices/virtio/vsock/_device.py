@@ -379,6 +379,12 @@ class Vsock(ThreadedVirtioDevice):
         """Move host socket data into guest rx buffers, as far as credit and buffers allow."""
         if not self._flush_ctrl():
             return
+        # Drain the guest's tx ring first: what sits there counts against the credit the guest
+        # sees, and an echoing guest would otherwise run out of it while we feed it more.
+        if self.queues[TXQ].pending() and not self._tx_blocked:
+            self._process_tx()
+            if conn.token not in self._by_token:
+                return
         queue = self.queues[RXQ]
         fd = conn.sock.fileno()
         for _ in range(PACKETS_PER_WAKEUP):
