@@ -60,6 +60,12 @@ class Netns:
     def __init__(self) -> None:
         self.name = f"pycrosvm-test-{secrets.token_hex(4)}"
         subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=30)
+        try:  # no IPv6 autoconfiguration chatter (router solicitations, MLD) on the taps
+            self.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                     "net.ipv6.conf.default.disable_ipv6=1")  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
 
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from devices.virtio._constants import DeviceType, Features
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
 from devices.virtio._queue import DescriptorChain, Queue
+from devices.virtio.net._ring import RingWriter
 from devices.virtio.net._tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -187,6 +188,7 @@ class Net(ThreadedVirtioDevice):
         self._mrg = False
         self._guest_csum = False
         self._tap_polled = False
+        self._rings: list[RingWriter] = []
         self._rx_held: DescriptorChain | None = None
         self._rx_pending: _Merge | None = None
         self._stage = bytearray(MAX_FRAME_BYTES + 16)
@@ -242,11 +244,13 @@ class Net(ThreadedVirtioDevice):
         self._hdr_len = 12 if modern or self._mrg else 10
         self.tap.set_vnet_hdr_size(self._hdr_len)
         self.tap.set_offload(self.tap_offloads())
+        self._rings = [RingWriter(q) for q in self.queues]
         self._tap_polled = False
         self._rx_held = None
         self._rx_pending = None
 
     def on_reset(self) -> None:
+        self._rings = []
         self._tap_polled = False
         self._rx_held = None
         self._rx_pending = None
@@ -285,6 +289,7 @@ class Net(ThreadedVirtioDevice):
         fd = self.tap.fileno()
         hdr = self._hdr_len
         stats = self.stats
+        add_used = self._rings[TXQ].add_used
         while True:
             before = queue.next_used
             while (chain := queue.pop()) is not None:
@@ -294,15 +299,20 @@ class Net(ThreadedVirtioDevice):
                     self.log.warn("tx chain %d: %d bytes in %d segments refused", chain.head, n,
                                   len(chain.readable))  # fmt: skip
                 else:
+                    # Straight from the validated segments (a Reader costs ~40% more here).
+                    views = chain.ram.views
+                    iovecs: list[memoryview] = []
+                    for addr, length in chain.readable:
+                        iovecs += views(addr, length)
                     try:
-                        os.writev(fd, chain.reader().get_iovecs(n))
+                        os.writev(fd, iovecs)
                     except OSError as err:  # the kernel refused the header or frame
                         stats.tx_errors += 1
                         self.log.warn("tx frame of %d bytes dropped: %s", n - hdr, err)
                     else:
                         stats.tx_frames += 1
                         stats.tx_bytes += n - hdr
-                queue.add_used(chain.head, 0)
+                add_used(chain.head, 0)
             if queue.next_used != before:
                 queue.trigger_interrupt(interrupt)
             if not queue.enable_notification():
@@ -329,6 +339,7 @@ class Net(ThreadedVirtioDevice):
         hdr = self._hdr_len
         stats = self.stats
         stage = self._stage_view
+        add_used = self._rings[RXQ].add_used
         frames = 0
         while frames < RX_BATCH:
             if self._rx_pending is not None:
@@ -348,9 +359,12 @@ class Net(ThreadedVirtioDevice):
                 stats.rx_bad_chains += 1
                 self.log.warn("rx chain %d: %d writable bytes in %d segments refused",
                               chain.head, cap, len(chain.writable))  # fmt: skip
-                queue.add_used(chain.head, 0)
+                add_used(chain.head, 0)
                 continue
-            iovecs = chain.writer().get_iovecs(cap)
+            views = chain.ram.views
+            iovecs: list[memoryview] = []
+            for addr, length in chain.writable:
+                iovecs += views(addr, length)
             iovecs.append(stage)
             try:
                 n = os.readv(fd, iovecs)
@@ -373,7 +387,7 @@ class Net(ThreadedVirtioDevice):
             if n <= cap:
                 if hdr == 12:
                     _put(iovecs, 10, b"\x01\x00")  # num_buffers = 1
-                queue.add_used(chain.head, n)
+                add_used(chain.head, n)
                 stats.rx_frames += 1
                 stats.rx_bytes += n - hdr
             elif self._mrg:
@@ -405,10 +419,11 @@ class Net(ThreadedVirtioDevice):
             merge.offset += take
             merge.used.append((chain.head, take))
         _put(merge.header, 10, _U16.pack(len(merge.used)))
+        add_used = self._rings[RXQ].add_used
         for head, length in merge.used:
-            queue.add_used(head, length)
+            add_used(head, length)
         for head in merge.discard:
-            queue.add_used(head, 0)
+            add_used(head, 0)
         self.stats.rx_frames += 1
         self._rx_pending = None
         return True
