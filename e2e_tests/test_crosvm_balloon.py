@@ -188,3 +188,79 @@ def test_controller_adjust_and_stats_with_a_stats_driver(monkeypatch: pytest.Mon
                 e.close()
         finally:
             pci.close()
+
+
+# --- a Linux guest: its virtio_balloon driver uses the stats queue -----------------------------
+
+
+def _meminfo_kib(console: Any, field: str, timeout: float) -> int:
+    result = console.run(f"grep ^{field}: /proc/meminfo", timeout)
+    assert result.rc == 0, result
+    return int(result.lines[0].split()[1])
+
+
+def _stats(sock: Path) -> dict[str, Any]:
+    result = crosvm_cmd("balloon_stats", str(sock))
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+@pytest.mark.kvm
+@pytest.mark.linux
+@pytest.mark.slow
+def test_linux_guest_stats_and_inflate(host_profile: Any, tmp_path: Path) -> None:
+    """The kit's tiny Linux under crosvm: balloon_stats returns the guest's own numbers, and
+    ``crosvm balloon 32M`` makes its driver inflate (actual follows, MemFree falls)."""
+    from kit import GuestConsole, ensure_initramfs, ensure_tiny_kernel, kernel_cmdline
+
+    sock = tmp_path / "vm.sock"
+    kernel, initrd = ensure_tiny_kernel(), ensure_initramfs()
+    argv = [CROSVM, "run", "--disable-sandbox", "-s", str(sock), "-m", "160",
+            "-p", kernel_cmdline(), "-i", str(initrd), str(kernel)]  # fmt: skip
+    boot, cmd = host_profile.scale(120), host_profile.scale(30)
+    with open(tmp_path / "crosvm.stderr", "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+    assert proc.stdin is not None and proc.stdout is not None
+    console = GuestConsole(proc.stdout, proc.stdin)
+    try:
+        console.wait_ready(boot)
+        drivers = console.run("ls /sys/bus/virtio/drivers/virtio_balloon", cmd)
+        assert any(word.startswith("virtio") for word in drivers.output.split()), drivers
+
+        stats = _stats(sock)
+        total = _meminfo_kib(console, "MemTotal", cmd) * 1024
+        print(f"linux balloon_stats: {stats}")
+        assert stats["total_memory"] == total  # the guest's own MemTotal, in bytes
+        assert 0 < stats["free_memory"] <= stats["total_memory"]
+        assert stats["available_memory"] is not None and stats["balloon_actual"] == 0
+
+        free_before = _meminfo_kib(console, "MemFree", cmd)
+        assert crosvm_cmd("balloon", "32M", str(sock)).returncode == 0
+        deadline = cmd
+        for _ in range(int(deadline * 2)):
+            if _stats(sock)["balloon_actual"] == 32 * MIB:
+                break
+            console.run("sleep 0.5", cmd)
+        else:
+            pytest.fail(f"the guest never reported a 32 MiB balloon: {_stats(sock)}")
+        free_after = _meminfo_kib(console, "MemFree", cmd)
+        print(f"guest MemFree {free_before} -> {free_after} KiB")
+        assert free_before - free_after >= 28 * 1024  # 32 MiB, minus the guest's own churn
+
+        assert crosvm_cmd("balloon", "0", str(sock)).returncode == 0
+        for _ in range(int(deadline * 2)):
+            if _stats(sock)["balloon_actual"] == 0:
+                break
+            console.run("sleep 0.5", cmd)
+        else:
+            pytest.fail("the guest never deflated")
+        console.write(b"bye reboot -f\n")
+        assert proc.wait(cmd) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        console.close()
+        proc.stdin.close()
+        proc.stdout.close()
