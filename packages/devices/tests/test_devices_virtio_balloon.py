@@ -272,3 +272,28 @@ def test_reset_then_activate_again(mem: GuestMemory) -> None:
         assert b.inflated_pages == 1 and b.request_stats(1.0) is None
     finally:
         s.close()
+
+
+def test_an_oversized_pfn_list_is_cut_off() -> None:
+    from devices.virtio.balloon import MAX_PFNS_PER_CHAIN
+
+    with make_guest_memory(8 << 20) as mem:
+        balloon = Balloon()
+        balloon.ack_features(balloon.features())
+        driver = VirtQueueDriver(mem, 0x10000, 16, data_base=0x100000, data_size=0x200000)
+        evt = EventFd()
+        try:
+            balloon.activate(mem, Interrupt(), [driver.make_queue()], [evt])
+            pool = 0x400000
+            mem.write(pool, b"\x33" * (16 * PAGE))
+            # MAX_PFNS_PER_CHAIN hostile PFNs, then valid ones past the cut: those are ignored.
+            tail = range(pool // PAGE, pool // PAGE + 16)
+            data = pfn_list(*([0xFFFF_FFFF] * MAX_PFNS_PER_CHAIN), *tail)
+            chain = driver.add_request([data])
+            driver.kick(evt)
+            assert driver.wait_used(1, timeout=30) == [(chain.head, 0)]
+            assert balloon.invalid_pfns == MAX_PFNS_PER_CHAIN and balloon.inflated_pages == 0
+            assert mem.read(pool, 16 * PAGE) == b"\x33" * (16 * PAGE)
+        finally:
+            balloon.close()
+            evt.close()
