@@ -48,6 +48,7 @@ from devices.virtio.vsock._packet import (
     pack_header,
     unpack_header,
 )
+from devices.virtio.vsock._publish import single_store_publication
 from sys_util import AsRawFd, PollContext, PollEvents, TimerFd
 
 __all__ = [
@@ -196,6 +197,9 @@ class Vsock(ThreadedVirtioDevice):
         return len(self._conns)
 
     def on_activate(self) -> None:
+        for queue in self.queues:
+            if queue.active:
+                single_store_publication(queue)
         self._inner = PollContext[int]()
         self._timer = TimerFd(nonblocking=True)
         self._timer_armed = False
