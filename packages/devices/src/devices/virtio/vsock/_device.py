@@ -64,8 +64,11 @@ logger = logging.getLogger(__name__)
 
 RXQ, TXQ, EVQ = 0, 1, 2
 QUEUE_SIZES = (256, 256, 64)
-#: Our per-connection receive buffer, advertised to the guest as buf_alloc (Linux's default).
-DEFAULT_BUF_ALLOC = 256 * 1024
+#: Our per-connection receive buffer, advertised to the guest as buf_alloc. Linux uses 256 KiB;
+#: we allow more because what the guest has queued on its tx ring already counts against it and
+#: the host reader is a process that may not be scheduled for a while, and a guest that finds
+#: itself without credit stalls (or, like the C test guest's echo, drops what it could not send).
+DEFAULT_BUF_ALLOC = 1024 * 1024
 #: Largest payload of one packet in either direction (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
 MAX_PACKET_PAYLOAD = 64 * 1024
 #: Host-initiated connections get local ports from here up (as Firecracker does).
