@@ -1,0 +1,197 @@
+"""Linux boot time and VMM memory: ``crosvm run`` vs QEMU on the same kernel, initrd and cmdline.
+
+    python benchmarks/boot.py [--runs N] [--mem MIB] [--only quiet|verbose]
+
+Boots the kit's tiny kernel (ELF vmlinux, PVH note) with the kit's initramfs in ``boot`` mode:
+/init prints GUEST-INIT-READY and GUEST-DONE, then ``reboot -f``; with ``reboot=k`` that is an
+i8042 reset and the VMM exits. Measured from launch: the init marker and the VMM's exit; the
+VMM's peak RSS (``ru_maxrss`` from ``wait4``) and CPU time. Peers, in the same run:
+
+* ``qemu-q35``: QEMU ``-M q35`` + qboot (enters the PVH vmlinux directly, no SeaBIOS);
+* ``qemu-microvm``: QEMU ``-M microvm`` (qboot built in, no i8042: it cannot reset, so it is
+  stopped at GUEST-DONE and its "exit" column is the GUEST-DONE time).
+
+Both log modes: ``quiet`` (as the tests boot) and ``verbose`` (the kernel's whole boot log on
+the serial console: ~20 KB, one port-I/O exit per byte for every VMM, each handled in Python by
+crosvm). On emulating-KVM hosts the guest kernel runs at ~1M instructions/s, so most of a boot
+is the guest itself and the ratios show the VMM overhead on top; on hardware KVM they show it
+directly. Runs go one after another (never in parallel: they would measure each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from e2e_tests.kit import ensure_initramfs, ensure_tiny_kernel, kernel_cmdline  # noqa: E402
+from e2e_tests.kit.qemu import QBOOT, QEMU_CPU  # noqa: E402
+
+TIMEOUT = 600.0
+
+
+@dataclass
+class Boot:
+    vmm: str
+    mode: str
+    ready: float | None = None  # seconds from launch to GUEST-INIT-READY
+    done: float | None = None  # ... to GUEST-DONE
+    exit: float | None = None  # ... to the VMM's exit (None: killed)
+    status: int | None = None
+    maxrss_kib: int = 0
+    cpu_s: float = 0.0
+    console_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def crosvm_argv(kernel: Path, initrd: Path, cmdline: str, mem: int) -> list[str]:
+    venv = Path(sys.executable).with_name("crosvm")
+    exe = str(venv) if venv.exists() else (shutil.which("crosvm") or "crosvm")
+    # no balloon/rng: the QEMU peers have no devices either (-nodefaults)
+    return [exe, "run", "--disable-sandbox", "--no-balloon", "--no-rng", "-m", str(mem),
+            "-c", "1", "-p", cmdline, "-i", str(initrd), str(kernel)]  # fmt: skip
+
+
+def qemu_argv(machine: str, kernel: Path, initrd: Path, cmdline: str, mem: int) -> list[str]:
+    qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+    argv = [qemu, "-accel", "kvm", "-cpu", QEMU_CPU, "-m", str(mem), "-smp", "1",
+            "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+            "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0"]  # fmt: skip
+    if machine == "microvm":
+        argv += ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pic=on,pit=on"]
+    else:
+        argv += ["-M", machine, "-vga", "none", "-bios", str(QBOOT)]
+    return argv + ["-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+
+
+def boot_once(vmm: str, mode: str, argv: list[str], kill_at_done: bool) -> Boot:
+    result = Boot(vmm, mode)
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    stdout, stderr = proc.stdout, proc.stderr
+    err_tail: list[bytes] = []
+
+    def read_console() -> None:
+        buf = b""
+        while chunk := os.read(stdout.fileno(), 65536):
+            now = time.monotonic() - start
+            result.console_bytes += len(chunk)
+            buf = (buf + chunk)[-8192:]
+            if result.ready is None and b"GUEST-INIT-READY" in buf:
+                result.ready = now
+            if result.done is None and b"GUEST-DONE" in buf:
+                result.done = now
+                if kill_at_done:
+                    proc.send_signal(signal.SIGKILL)
+
+    def read_stderr() -> None:
+        while chunk := os.read(stderr.fileno(), 65536):
+            err_tail.append(chunk)
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_console, read_stderr)]
+    for t in readers:
+        t.start()
+    timer = threading.Timer(TIMEOUT, proc.kill)
+    timer.start()
+    try:
+        _, wstatus, rusage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    end = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(wstatus)
+    for t in readers:
+        t.join(5)
+    stdout.close()
+    stderr.close()
+    result.status = proc.returncode
+    result.maxrss_kib = rusage.ru_maxrss
+    result.cpu_s = rusage.ru_utime + rusage.ru_stime
+    if not (kill_at_done and result.done is not None):
+        result.exit = end
+    if result.ready is None or (result.exit is not None and result.status != 0):
+        tail = b"".join(err_tail)[-500:].decode(errors="replace").strip()
+        result.notes.append(f"status {result.status}: {tail}")
+    return result
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:6.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:4.2f}x"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=1, help="boots per VMM and mode")
+    parser.add_argument("--mem", type=int, default=256, help="guest MiB (default 256)")
+    parser.add_argument("--only", choices=("quiet", "verbose"))
+    parser.add_argument("--vmm", action="append", choices=("crosvm", "qemu-q35", "qemu-microvm"))
+    args = parser.parse_args()
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        print("boot: no usable /dev/kvm; skipped")
+        return 0
+    kernel, initrd = ensure_tiny_kernel(), ensure_initramfs("delegate")
+    have_qemu = shutil.which("qemu-system-x86_64") is not None and QBOOT.exists()
+    vmms = args.vmm or ["crosvm", "qemu-q35", "qemu-microvm"]
+    if not have_qemu:
+        print("boot: qemu-system-x86_64 or qboot.rom missing: crosvm only, no ratios")
+        vmms = [v for v in vmms if v == "crosvm"]
+    modes = [args.only] if args.only else ["quiet", "verbose"]
+    print(f"kernel {kernel}\ninitrd {initrd}\nguest: {args.mem} MiB, 1 vCPU, no devices")
+    results: list[Boot] = []
+    for mode in modes:
+        cmdline = kernel_cmdline(mode="boot")
+        if mode == "verbose":
+            cmdline = " ".join(w for w in cmdline.split() if w != "quiet")
+        print(f"\n[{mode}] cmdline: {cmdline}")
+        for _ in range(args.runs):
+            for vmm in vmms:
+                if vmm == "crosvm":
+                    argv = crosvm_argv(kernel, initrd, cmdline, args.mem)
+                else:
+                    argv = qemu_argv(vmm.split("-")[1], kernel, initrd, cmdline, args.mem)
+                b = boot_once(vmm, mode, argv, kill_at_done=vmm == "qemu-microvm")
+                results.append(b)
+                print(
+                    f"  {vmm:13s} ready {fmt(b.ready)} s  done {fmt(b.done)} s  exit "
+                    f"{fmt(b.exit)} s  rss {b.maxrss_kib / 1024:6.1f} MiB  cpu {b.cpu_s:6.1f} s  "
+                    f"console {b.console_bytes} B  {'; '.join(b.notes)}",
+                    flush=True,
+                )
+    print("\nmeans and ratios (crosvm / peer):")
+    for mode in modes:
+
+        def mean(vmm: str, attr: str, m: str = mode) -> float | None:
+            vals = [getattr(b, attr) for b in results if b.vmm == vmm and b.mode == m]
+            vals = [v for v in vals if v is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        for peer in (v for v in vmms if v != "crosvm"):
+            cross_exit = mean("crosvm", "exit")
+            peer_exit = mean(peer, "exit") if peer != "qemu-microvm" else mean(peer, "done")
+            print(
+                f"  [{mode}] vs {peer:13s} ready {ratio(mean('crosvm', 'ready'), mean(peer, 'ready'))}"
+                f"  exit{'(done)' if peer == 'qemu-microvm' else ''} {ratio(cross_exit, peer_exit)}"
+                f"  peak RSS {ratio(mean('crosvm', 'maxrss_kib'), mean(peer, 'maxrss_kib'))}"
+                f"  cpu {ratio(mean('crosvm', 'cpu_s'), mean(peer, 'cpu_s'))}"
+            )
+    failed = [b for b in results if b.ready is None]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
