@@ -79,7 +79,7 @@ def socat_echo(mib: int) -> float:
     data = os.urandom(mib << 20)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "echo.sock")
-        proc = subprocess.Popen(["socat", f"UNIX-LISTEN:{path}", "PIPES"])
+        proc = subprocess.Popen(["socat", f"UNIX-LISTEN:{path}", "PIPE"])
         try:
             for _ in range(500):
                 if os.path.exists(path):
