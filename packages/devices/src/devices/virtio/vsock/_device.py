@@ -455,9 +455,11 @@ class Vsock(ThreadedVirtioDevice):
                     break
                 try:
                     self._handle_packet(chain)
-                finally:
-                    queue.add_used(chain.head, 0)
-                    self._tx_dirty = True
+                except Exception as err:  # a bug must cost one packet, never the queue
+                    self._bad("tx packet handling failed: %r", err)
+                    logger.debug("vsock tx packet", exc_info=True)
+                queue.add_used(chain.head, 0)
+                self._tx_dirty = True
             if not queue.enable_notification():
                 break
         self._tx_blocked = False
@@ -735,7 +737,11 @@ class Vsock(ThreadedVirtioDevice):
             if not data or len(data) >= _HANDSHAKE_MAX:
                 self._drop_handshake(hs)
             return  # an incomplete line: wait for the rest
-        hs.sock.recv(nl + 1)
+        try:
+            hs.sock.recv(nl + 1)  # exactly the line; later bytes belong to the stream
+        except OSError:
+            self._drop_handshake(hs)
+            return
         match = _CONNECT_RE.fullmatch(data[:nl])
         port = int(match.group(1)) if match else -1
         if not 0 <= port <= _U32:
