@@ -285,3 +285,46 @@ def test_queue_size_must_be_power_of_two(mem: GuestMemory) -> None:
     q.size = 32  # above max
     with pytest.raises(InvalidQueue):
         q.validate(mem)
+
+
+def test_used_index_is_never_seen_going_backwards(mem: GuestMemory) -> None:
+    """A reader in another process (truly parallel, like a guest vCPU) polls used->idx while we
+    publish. struct.pack_into zeroes its target before writing, so publishing with it let such
+    a reader see a transient 0; the index must only ever move forward."""
+    import os
+    import struct
+
+    drv, q = make(mem, 8)
+    chain = drv.add_request([b"x"], [1])
+    popped = q.pop()
+    assert popped is not None
+    used_idx_addr = drv.used_ring + 2
+    ready_r, ready_w = os.pipe()
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the "guest": poll until told to stop, report the first backwards step
+        try:
+            os.close(ready_r)
+            view = mem.view(used_idx_addr, 2)
+            unpack = struct.Struct("<H").unpack_from
+            last, bad = 0, b"ok"
+            os.write(ready_w, b"r")
+            for _ in range(6_000_000):
+                value = unpack(view)[0]
+                if value < last and last - value < 30000:  # not the u16 wraparound
+                    bad = f"{last}->{value}".encode()
+                    break
+                last = value
+            os.write(result_w, bad)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(result_w)
+    assert os.read(ready_r, 1) == b"r"
+    for _ in range(300_000):
+        q.add_used(chain.head, 1)
+    os.waitpid(pid, 0)
+    verdict = os.read(result_r, 64)
+    os.close(ready_r)
+    os.close(result_r)
+    assert verdict == b"ok", f"a parallel reader saw used idx go {verdict.decode()}"

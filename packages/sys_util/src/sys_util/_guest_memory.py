@@ -87,6 +87,9 @@ class GuestMemory:
         "_memfd",
         "_mm",
         "_mv",
+        "_mv16",
+        "_mv32",
+        "_mv64",
         "_regions",
         "_size",
         "_size0",
@@ -123,6 +126,11 @@ class GuestMemory:
         self._mapping = mapping
         self._mm: mmap.mmap = mapping.mmap
         self._mv: memoryview = mapping.view()
+        # Scalar stores go through casts of the mapping: one aligned store each. struct.pack_into
+        # zeroes its destination first, so a vCPU reading concurrently could see a transient 0.
+        self._mv16 = self._mv.cast("H")
+        self._mv32 = self._mv.cast("I")
+        self._mv64 = self._mv.cast("Q")
         self._size = total
         self._closed = False
         host = mapping.host_address
@@ -371,7 +379,7 @@ class GuestMemory:
         off = addr - self._base0
         if not 0 <= off < self._size0:
             off = self._offset(addr, 1)
-        _U8.pack_into(self._mm, off, value)
+        self._mm[off] = value
 
     def write_u16(self, addr: int, value: int) -> None:
         off = addr - self._base0
@@ -381,7 +389,10 @@ class GuestMemory:
                 off += self._hi_foff
             else:
                 off = self._offset(addr, 2)
-        _U16.pack_into(self._mm, off, value)
+        if off & 1:
+            self._mm[off : off + 2] = value.to_bytes(2, "little")
+        else:
+            self._mv16[off >> 1] = value
 
     def write_u32(self, addr: int, value: int) -> None:
         off = addr - self._base0
@@ -391,7 +402,10 @@ class GuestMemory:
                 off += self._hi_foff
             else:
                 off = self._offset(addr, 4)
-        _U32.pack_into(self._mm, off, value)
+        if off & 3:
+            self._mm[off : off + 4] = value.to_bytes(4, "little")
+        else:
+            self._mv32[off >> 2] = value
 
     def write_u64(self, addr: int, value: int) -> None:
         off = addr - self._base0
@@ -401,7 +415,10 @@ class GuestMemory:
                 off += self._hi_foff
             else:
                 off = self._offset(addr, 8)
-        _U64.pack_into(self._mm, off, value)
+        if off & 7:
+            self._mm[off : off + 8] = value.to_bytes(8, "little")
+        else:
+            self._mv64[off >> 3] = value
 
     def read_struct(self, addr: int, st: struct.Struct) -> tuple[Any, ...]:
         """Unpack one ``st`` (which must fit in one region) from ``addr``."""
@@ -446,7 +463,8 @@ class GuestMemory:
         self._bases = []
         self._ends = []
         self._deltas = []
-        self._mv.release()
+        for view in (self._mv16, self._mv32, self._mv64, self._mv):
+            view.release()
         self._mapping.close()
         self._memfd.close()
 

@@ -183,6 +183,8 @@ class Queue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        self._used_idx: memoryview | None = None  # used->idx as one u16 (see _publish)
+        self._avail_event: memoryview | None = None
 
     # -- activation ------------------------------------------------------------------------
 
@@ -211,6 +213,11 @@ class Queue:
             self._desc = mem.view(self.desc_table, 16 * self.size)
             self._avail = mem.view(self.avail_ring, 6 + 2 * self.size)
             self._used = mem.view(self.used_ring, 6 + 8 * self.size)
+            # Single-store views of the two u16 fields the driver polls. struct.pack_into must
+            # not be used for them: CPython zeroes the destination before writing the value, so
+            # a guest polling from another CPU could read a transient 0 ("used index jumped").
+            self._used_idx = self._used[2:4].cast("H")
+            self._avail_event = self._used[4 + 8 * self.size : 6 + 8 * self.size].cast("H")
         except Exception as err:  # a ring straddling two memory regions
             raise InvalidQueue(f"ring not contiguous in one memory region: {err}") from err
         self._mem = mem
@@ -245,8 +252,8 @@ class Queue:
 
     def set_avail_event(self, value: int) -> None:
         """Tell the driver to kick only once avail idx passes ``value`` (EVENT_IDX)."""
-        assert self._used is not None
-        _U16.pack_into(self._used, 4 + 8 * self.size, value & 0xFFFF)
+        assert self._avail_event is not None
+        self._avail_event[0] = value & 0xFFFF
 
     def full_fence(self) -> None:
         """A full memory barrier (store->load ordering) between us and the guest's vCPUs.
@@ -371,13 +378,15 @@ class Queue:
     def add_used(self, head: int, length: int) -> None:
         """Publish ``head`` as used with ``length`` bytes written into its writable buffers."""
         used = self._used
-        if used is None:
+        used_idx = self._used_idx
+        if used is None or used_idx is None:
             return
         slot = self.next_used % self.size
+        # pack_into zeroes then fills the element: harmless, the driver only reads it after the
+        # index moves. The element must be visible before the index (x86 keeps store order).
         _USED_ELEM.pack_into(used, 4 + 8 * slot, head, length & 0xFFFF_FFFF)
         self.next_used = (self.next_used + 1) & 0xFFFF
-        # The element must be visible before the index (x86 stores are ordered: plain store).
-        _U16.pack_into(used, 2, self.next_used)
+        used_idx[0] = self.next_used  # one 16-bit store: never a torn or transient index
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt for the entries used since the last one."""
