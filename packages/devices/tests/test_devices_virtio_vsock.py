@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devices.testing import SubmittedChain, VirtQueueDriver, make_guest_memory
 from devices.virtio import Interrupt
@@ -567,3 +569,101 @@ def test_used_index_is_never_seen_going_back_to_zero() -> None:
 
 def test_activation_installs_single_store_publication(guest: Guest) -> None:
     assert all("single_store" in q.add_used.__qualname__ for q in guest.dev.queues)
+
+
+def test_transport_reset_drops_connections_and_posts_the_event(guest: Guest, uds: str) -> None:
+    sock, _ = host_connect(guest, uds)
+    with sock:
+        guest.ev.mem.write_u32(guest.ev.data_base, 0xFFFF_FFFF)  # the device must overwrite it
+        guest.dev.transport_reset()
+        assert sock.recv(10) == b""
+        ((_, length),) = guest.ev.wait_used(1)
+        assert length == 4
+        assert guest.ev.mem.read_u32(guest.ev.data_base) == 0  # first event buffer, id 0
+    assert guest.dev.connection_count() == 0
+    sock2, local2 = host_connect(guest, uds)  # new connections work afterwards
+    with sock2:
+        guest.send(Op.RW, GUEST_PORT, local2, b"after reset")
+        assert read_exact(sock2, 11) == b"after reset"
+
+
+def test_transport_reset_while_inactive_is_forgotten(uds: str) -> None:
+    dev = Vsock(CID, uds)
+    dev.transport_reset()
+    g = Guest(dev)
+    try:
+        assert g.nothing_for(0.05)
+        assert g.ev.pop_used() == []
+        assert dev.stats["transport_reset"] == 0
+    finally:
+        g.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([CID, CID, CID, CID + 1]),
+            st.sampled_from([HOST_CID, HOST_CID, HOST_CID, 1, 7]),
+            st.integers(0, 3),
+            st.integers(0, 3),
+            st.one_of(st.integers(0, 64), st.integers(0, 0xFFFF_FFFF)),
+            st.sampled_from([TYPE_STREAM, TYPE_STREAM, 0, 2, 0xFFFF]),
+            st.integers(0, 9),
+            st.integers(0, 0xFFFF_FFFF),
+            st.binary(max_size=80),
+        ),
+        max_size=40,
+    )
+)
+def test_random_packets_never_stop_the_device(
+    packets: list[tuple[int, int, int, int, int, int, int, int, bytes]],
+) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uds = os.path.join(tmp, "v.sock")
+        g = Guest(Vsock(CID, uds, connect_timeout=0.2), rx_buffers=128)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(f"{uds}_1")  # so some REQUESTs succeed
+                listener.listen(8)
+                for src_cid, dst_cid, sport, dport, length, type_, op, credit, body in packets:
+                    g.buf_alloc = credit
+                    g.send(
+                        op, sport, dport, body, length=length, src_cid=src_cid,
+                        dst_cid=dst_cid, type_=type_, flags=credit & 3,
+                    )  # fmt: skip
+                g.tx.wait_used(0)
+                deadline = time.monotonic() + 5
+                while g.tx.used_idx() != g.tx.avail_idx and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                assert g.tx.used_idx() == g.tx.avail_idx  # every packet was consumed
+                g.buf_alloc = 64 * 1024
+                g.backlog.clear()
+                g.rx.pop_used()
+                sock, local = host_connect_skipping(g, uds)
+                with sock:
+                    g.send(Op.RW, GUEST_PORT, local, b"alive")
+                    assert read_exact(sock, 5) == b"alive"
+            assert g.dev.active
+        finally:
+            g.close()
+
+
+def host_connect_skipping(g: Guest, uds: str) -> tuple[socket.socket, int]:
+    """host_connect after random traffic: skip replies to earlier packets."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(uds)
+    sock.sendall(f"CONNECT {GUEST_PORT}\n".encode())
+    while True:
+        h, _ = g.recv()
+        if h.op == Op.REQUEST and h.dst_port == GUEST_PORT and h.src_port >= FIRST_LOCAL_PORT:
+            break
+    g.send(Op.RESPONSE, GUEST_PORT, h.src_port)
+    line = b""
+    while not line.endswith(b"\n"):
+        line += sock.recv(1)
+    assert line == f"OK {h.src_port}\n".encode()
+    return sock, h.src_port

@@ -42,6 +42,7 @@ from devices.virtio.vsock._packet import (
     HOST_CID,
     TYPE_STREAM,
     VIRTIO_ID_VSOCK,
+    VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
     Header,
     Op,
     ShutdownFlags,
@@ -49,7 +50,7 @@ from devices.virtio.vsock._packet import (
     unpack_header,
 )
 from devices.virtio.vsock._publish import single_store_publication
-from sys_util import AsRawFd, PollContext, PollEvents, TimerFd
+from sys_util import AsRawFd, EventFd, PollContext, PollEvents, TimerFd
 
 __all__ = [
     "DEFAULT_BUF_ALLOC",
@@ -154,6 +155,7 @@ class Vsock(ThreadedVirtioDevice):
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
         self._listener: socket.socket | None = _bind_listener(self.uds_path)
+        self._reset_evt = EventFd(nonblocking=True)
         self._listener_ino = os.stat(self.uds_path).st_ino
         self._conns: dict[tuple[int, int], Connection] = {}
         self._by_token: dict[int, Connection | HandshakeSocket] = {}
@@ -200,6 +202,10 @@ class Vsock(ThreadedVirtioDevice):
         return len(self._conns)
 
     def on_activate(self) -> None:
+        try:  # a transport_reset() asked for while inactive has nothing to reset
+            self._reset_evt.read()
+        except BlockingIOError:
+            pass
         for queue in self.queues:
             if queue.active:
                 single_store_publication(queue)
@@ -214,6 +220,7 @@ class Vsock(ThreadedVirtioDevice):
         sources: list[tuple[int | AsRawFd, Callable[[], None]]] = [
             (self._inner, self._wrap(self._on_sockets)),
             (self._timer, self._wrap(self._on_timer)),
+            (self._reset_evt, self._wrap(self._on_transport_reset)),
         ]
         if self._listener is not None:
             sources.append((self._listener, self._wrap(self._on_accept)))
@@ -234,6 +241,7 @@ class Vsock(ThreadedVirtioDevice):
 
     def close(self) -> None:
         super().close()
+        self._reset_evt.close()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
@@ -242,6 +250,15 @@ class Vsock(ThreadedVirtioDevice):
                     os.unlink(self.uds_path)
             except OSError:
                 pass
+
+    def transport_reset(self) -> None:
+        """Drop every connection and tell the guest (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET).
+
+        For a host that lost its side of all connections at once (e.g. restored from a
+        snapshot). Thread-safe: the worker does the work; a no-op while the device is inactive.
+        """
+        if not self._reset_evt.closed:
+            self._reset_evt.write(1)
 
     # -- worker plumbing -------------------------------------------------------------------
 
@@ -787,6 +804,35 @@ class Vsock(ThreadedVirtioDevice):
                 self._pump(conn)
             if conn.token in self._by_token:
                 self._update_interest(conn)
+
+    def _on_transport_reset(self) -> None:
+        try:
+            self._reset_evt.read()
+        except BlockingIOError:
+            return
+        inner = self._inner
+        for obj in list(self._by_token.values()):
+            if inner is not None and (isinstance(obj, HandshakeSocket) or obj.registered):
+                inner.delete(obj.sock)
+            obj.sock.close()
+        self._by_token.clear()
+        self._conns.clear()
+        self._ctrl.clear()  # replies to connections the guest is about to forget
+        self.stats["transport_reset"] += 1
+        if len(self.queues) <= EVQ or self.interrupt is None:
+            return
+        queue = self.queues[EVQ]
+        chain = queue.pop()
+        if chain is None:
+            self.log.warn("transport reset: the driver posted no event buffer")
+            return
+        writer = chain.writer()
+        written = 0
+        if writer.available_bytes() >= 4:
+            writer.write(struct.pack("<I", VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+            written = 4
+        queue.add_used(chain.head, written)
+        queue.trigger_interrupt(self.interrupt)
 
     # -- timeouts --------------------------------------------------------------------------
 
