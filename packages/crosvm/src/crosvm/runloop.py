@@ -50,6 +50,7 @@ class StopReason(enum.Enum):
     HALTED = "every vCPU halted with interrupts disabled: the guest can never resume"
     CRASH = "the guest reported a crash"
     VCPU_ERROR = "a vCPU failed"
+    DEVICE_DIED = "a device process died"
 
     @property
     def ok(self) -> bool:

@@ -13,16 +13,19 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import arch
-from arch.x86_64 import RunnableVm, VmConfig, VmContext, build_vm
+import devices
+import io_jail
+from arch.x86_64 import PlaceablePciDevice, RunnableVm, VmConfig, VmContext, build_vm
 from crosvm import control
 from crosvm.config import Config
 from crosvm.device_setup import create_virtio_devices
 from crosvm.errors import ConfigError, VmError
 from crosvm.runloop import MainLoop, RunState, StopReason, join_vcpu_threads, start_vcpu_threads
 from devices.errors import SerialConfigError
+from devices.proxy import Sandbox
 from devices.serial import (
     ComPort,
     SerialHardware,
@@ -30,7 +33,7 @@ from devices.serial import (
     create_com_ports,
     merge_serial_parameters,
 )
-from devices.virtio import Block, VirtioDevice, VirtioError, VirtioPciDevice
+from devices.virtio import Block, Console, Rng, VirtioDevice, VirtioError, VirtioPciDevice
 from devices.virtio.balloon import BALLOON_PAGE_SIZE, Balloon, BalloonStat
 from sys_util import RawTerminal
 
@@ -39,7 +42,7 @@ log = logging.getLogger("crosvm")
 #: crosvm's base command line, plus reboot=k so a guest reboot is an i8042 reset (a VM exit).
 BASE_CMDLINE = "reboot=k panic=-1"
 
-PciFactory = Callable[[VmContext], VirtioPciDevice]
+PciFactory = Callable[[VmContext], PlaceablePciDevice]
 
 #: Seconds a ``balloon_stats`` request waits for the guest (less than control.REQUEST_TIMEOUT).
 BALLOON_STATS_TIMEOUT = 3.0
@@ -78,16 +81,54 @@ def _kernel_cmdline(config: Config, serial: list[SerialParameters]) -> str:
     return " ".join(parts)
 
 
+#: The seccomp policy each sandboxable device runs under (devices/seccomp/<arch>/<name>.policy).
+#: Devices not listed run in the main process (the balloon is driven from the control loop).
+SANDBOX_POLICIES: dict[type[VirtioDevice], str] = {
+    Block: "block_device",
+    Rng: "rng_device",
+    Console: "console_device",
+}
+
+#: Resizes disk N (in command-line order), wherever its device runs.
+DiskResizer = Callable[[int], None]
+
+
 def _pci_factories(
-    config: Config, serial: list[SerialParameters], stack: contextlib.ExitStack
+    config: Config,
+    serial: list[SerialParameters],
+    stack: contextlib.ExitStack,
+    sandbox: Sandbox | None,
+    disk_resizers: list[DiskResizer],
 ) -> list[PciFactory]:
-    """Open every device's resources now (before KVM), wrap each in the virtio-pci transport."""
+    """Open every device's resources now (before KVM) and wrap each in the virtio-pci transport,
+    jailed in its own process when the sandbox is on and the device has a policy.
+
+    ``disk_resizers`` is filled, in disk order, as ``build_vm`` runs the factories.
+    """
 
     def factory_for(device: VirtioDevice) -> PciFactory:
-        def factory(ctx: VmContext) -> VirtioPciDevice:
+        def in_process(ctx: VmContext) -> PlaceablePciDevice:
             return VirtioPciDevice(device, ctx.memory, msix_router=ctx.irq_router)
 
-        return factory
+        policy = SANDBOX_POLICIES.get(type(device)) if sandbox is not None else None
+        if sandbox is None or policy is None:
+            if isinstance(device, Block):
+
+                def plain(ctx: VmContext) -> PlaceablePciDevice:
+                    disk_resizers.append(device.resize)
+                    return in_process(ctx)
+
+                return plain
+            return in_process
+        jailed = sandbox.sandboxed(in_process, policy)
+
+        def proxied(ctx: VmContext) -> PlaceablePciDevice:
+            proxy = jailed(ctx)
+            if isinstance(device, Block):
+                disk_resizers.append(proxy.resize_disk)
+            return proxy
+
+        return proxied
 
     return [factory_for(d) for d in create_virtio_devices(config, serial, stack)]
 
@@ -95,9 +136,12 @@ def _pci_factories(
 class _Controller:
     """Answers control-socket requests for one running VM."""
 
-    def __init__(self, state: RunState, vm: RunnableVm) -> None:
+    def __init__(
+        self, state: RunState, vm: RunnableVm, disk_resizers: Sequence[DiskResizer] = ()
+    ) -> None:
         self.state = state
         self.vm = vm
+        self.disk_resizers = disk_resizers
 
     def handle(self, request: control.VmRequest) -> control.VmResponse:
         if isinstance(request, control.Exit):
@@ -144,17 +188,12 @@ class _Controller:
         )
 
     def _disk(self, request: control.DiskCommand) -> control.VmResponse:
-        blocks = [
-            d._device
-            for _, d in self.vm.pci_devices
-            if isinstance(d, VirtioPciDevice) and isinstance(d._device, Block)
-        ]
-        if request.disk_index >= len(blocks):
+        if request.disk_index >= len(self.disk_resizers):
             return control.Err(errno.ENODEV)
         if not isinstance(request.command, control.Resize):
             return control.Err(errno.EINVAL)
         try:
-            blocks[request.disk_index].resize(request.command.new_size)
+            self.disk_resizers[request.disk_index](request.command.new_size)
         except (OSError, VirtioError, ValueError) as err:
             log.warning("disk %d resize failed: %s", request.disk_index, err)
             return control.Err(getattr(err, "errno", None) or errno.EINVAL)
@@ -163,8 +202,6 @@ class _Controller:
 
 def run_config(config: Config) -> int:
     """Build and run the VM; return the exit status for ``crosvm run``."""
-    if config.sandbox:
-        log.info("the device sandbox is not available in this version: devices run in-process")
     serial = _serial_parameters(config)
     cmdline = _kernel_cmdline(config, serial)
     with contextlib.ExitStack() as stack:
@@ -174,7 +211,18 @@ def run_config(config: Config) -> int:
             raise ConfigError(f"crosvm run: --serial: {err.strerror}: {err.filename}") from None
         for port in com_ports:
             stack.callback(port.close)
-        pci = _pci_factories(config, serial, stack)
+        sandbox: Sandbox | None = None
+        if config.sandbox:
+            try:
+                sandbox = Sandbox(
+                    policy_dir=config.seccomp_policy_dir,
+                    log_failures=config.seccomp_log_failures,
+                )
+            except (OSError, devices.Error, io_jail.Error) as err:
+                raise ConfigError(f"crosvm run: sandbox: {err}") from None
+            stack.callback(sandbox.close)
+        disk_resizers: list[DiskResizer] = []
+        pci = _pci_factories(config, serial, stack, sandbox, disk_resizers)
         vm_config = VmConfig(
             memory_size=config.mem_mib << 20,
             kernel=config.kernel,
@@ -193,8 +241,20 @@ def run_config(config: Config) -> int:
         state = RunState(vm.vcpus)
         stack.callback(state.stopped_evt.close)
         sources: list[tuple[int, Callable[[], None]]] = []
+        if sandbox is not None:
+            # Fork and jail every sandboxed device now: the process is still single-threaded.
+            sandbox.monitor.on_death = lambda death: state.stop(
+                StopReason.DEVICE_DIED, death.message
+            )
+            try:
+                sandbox.start()
+            except (OSError, devices.Error, io_jail.Error) as err:
+                raise VmError(f"sandbox: {err}") from None
+            sources.extend(sandbox.sources())
         if config.socket_path is not None:
-            server = control.ControlServer(config.socket_path, _Controller(state, vm))
+            server = control.ControlServer(
+                config.socket_path, _Controller(state, vm, disk_resizers)
+            )
             stack.callback(server.close)
             sources.append((server.fileno(), server.on_readable))
         if any(port.stdin_fd is not None for port in com_ports) and os.isatty(0):
