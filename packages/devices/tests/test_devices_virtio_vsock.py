@@ -667,3 +667,34 @@ def host_connect_skipping(g: Guest, uds: str) -> tuple[socket.socket, int]:
         line += sock.recv(1)
     assert line == f"OK {h.src_port}\n".encode()
     return sock, h.src_port
+
+
+def test_handshake_split_across_writes(guest: Guest, uds: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(uds)
+        for piece in (b"CONN", b"ECT 50", b"00\nda", b"ta"):
+            sock.sendall(piece)
+            time.sleep(0.02)
+        h, _ = guest.recv()
+        assert (h.op, h.dst_port) == (Op.REQUEST, GUEST_PORT)
+        guest.send(Op.RESPONSE, GUEST_PORT, h.src_port)
+        h2, data = guest.recv()
+        assert (h2.op, data) == (Op.RW, b"data")
+        assert read_exact(sock, len(f"OK {h.src_port}\n")) == f"OK {h.src_port}\n".encode()
+
+
+def test_incomplete_handshake_does_not_spin_and_times_out(guest: Guest, uds: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(uds)
+        sock.sendall(b"CONNECT 50")
+        deadline = time.monotonic() + 5
+        # The partial line is taken off the socket (so it stops polling readable, no spin) ...
+        while time.monotonic() < deadline and not any(
+            getattr(o, "partial", b"") == b"CONNECT 50" for o in list(guest.dev._by_token.values())
+        ):
+            time.sleep(0.01)
+        assert any(getattr(o, "partial", b"") for o in list(guest.dev._by_token.values()))
+        assert_closed(sock)  # ... and the socket is dropped after connect_timeout (1 s here)  # dropped after connect_timeout (1 s here)
+    assert guest.dev.stats["handshake_timeout"] == 1

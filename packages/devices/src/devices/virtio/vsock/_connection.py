@@ -28,12 +28,14 @@ class ConnState(enum.Enum):
 class HandshakeSocket:
     """A socket accepted on the device's listener that has not sent ``CONNECT <port>\\n`` yet."""
 
-    __slots__ = ("deadline", "sock", "token")
+    __slots__ = ("deadline", "partial", "sock", "token")
 
     def __init__(self, sock: socket.socket, token: int, timeout: float) -> None:
         self.sock = sock
         self.token = token
         self.deadline = time.monotonic() + timeout
+        #: the start of the line, read so far (it has no newline, so no stream bytes)
+        self.partial = b""
 
 
 class Connection:

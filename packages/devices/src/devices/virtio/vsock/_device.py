@@ -750,19 +750,25 @@ class Vsock(ThreadedVirtioDevice):
             self._drop_handshake(hs)
             return
         nl = data.find(b"\n")
-        if not data or nl < 0:
-            if not data or len(data) >= _HANDSHAKE_MAX:
-                self._drop_handshake(hs)
-            return  # an incomplete line: wait for the rest
+        if not data or len(hs.partial) + (len(data) if nl < 0 else nl) >= _HANDSHAKE_MAX:
+            self._drop_handshake(hs)  # EOF, or a line too long to be a handshake
+            return
         try:
-            hs.sock.recv(nl + 1)  # exactly the line; later bytes belong to the stream
+            # Without a newline, take what is there (no stream byte can be in it): leaving it
+            # would keep the socket readable and spin the worker until the rest arrives.
+            # With one, take exactly the line; later bytes belong to the stream.
+            taken = hs.sock.recv(len(data) if nl < 0 else nl + 1)
         except OSError:
             self._drop_handshake(hs)
             return
-        match = _CONNECT_RE.fullmatch(data[:nl])
+        if nl < 0:
+            hs.partial += taken
+            return
+        line = hs.partial + data[:nl]
+        match = _CONNECT_RE.fullmatch(line)
         port = int(match.group(1)) if match else -1
         if not 0 <= port <= _U32:
-            self.log.warn("bad vsock handshake %r: closing", bytes(data[:nl]))
+            self.log.warn("bad vsock handshake %r: closing", line)
             self.stats["bad_handshake"] += 1
             self._drop_handshake(hs)
             return
