@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from e2e_tests.kit import ensure_initramfs, ensure_tiny_kernel, kernel_cmdline  # noqa: E402
-from e2e_tests.kit.qemu import QBOOT, QEMU_CPU  # noqa: E402
+from e2e_tests.kit import ensure_initramfs, ensure_tiny_kernel, kernel_cmdline
+from e2e_tests.kit.qemu import QBOOT, QEMU_CPU
 
 TIMEOUT = 600.0
 
@@ -70,7 +70,7 @@ def qemu_argv(machine: str, kernel: Path, initrd: Path, cmdline: str, mem: int) 
         argv += ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,pic=on,pit=on"]
     else:
         argv += ["-M", machine, "-vga", "none", "-bios", str(QBOOT)]
-    return argv + ["-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+    return [*argv, "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
 
 def boot_once(vmm: str, mode: str, argv: list[str], kill_at_done: bool) -> Boot:
@@ -183,8 +183,9 @@ def main() -> int:
         for peer in (v for v in vmms if v != "crosvm"):
             cross_exit = mean("crosvm", "exit")
             peer_exit = mean(peer, "exit") if peer != "qemu-microvm" else mean(peer, "done")
+            ready = ratio(mean("crosvm", "ready"), mean(peer, "ready"))
             print(
-                f"  [{mode}] vs {peer:13s} ready {ratio(mean('crosvm', 'ready'), mean(peer, 'ready'))}"
+                f"  [{mode}] vs {peer:13s} ready {ready}"
                 f"  exit{'(done)' if peer == 'qemu-microvm' else ''} {ratio(cross_exit, peer_exit)}"
                 f"  peak RSS {ratio(mean('crosvm', 'maxrss_kib'), mean(peer, 'maxrss_kib'))}"
                 f"  cpu {ratio(mean('crosvm', 'cpu_s'), mean(peer, 'cpu_s'))}"
