@@ -696,5 +696,5 @@ def test_incomplete_handshake_does_not_spin_and_times_out(guest: Guest, uds: str
         ):
             time.sleep(0.01)
         assert any(getattr(o, "partial", b"") for o in list(guest.dev._by_token.values()))
-        assert_closed(sock)  # ... and the socket is dropped after connect_timeout (1 s here)  # dropped after connect_timeout (1 s here)
+        assert_closed(sock)  # ... and the socket is dropped after connect_timeout (1 s here)
     assert guest.dev.stats["handshake_timeout"] == 1
