@@ -196,7 +196,8 @@ class Vsock(ThreadedVirtioDevice):
         return _CONFIG.pack(self.guest_cid)
 
     def keep_fds(self) -> list[int]:
-        return [self._listener.fileno()] if self._listener is not None else []
+        fds = [] if self._reset_evt.closed else [self._reset_evt.fileno()]
+        return fds + ([self._listener.fileno()] if self._listener is not None else [])
 
     def connection_count(self) -> int:
         return len(self._conns)
