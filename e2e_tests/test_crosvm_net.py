@@ -312,8 +312,10 @@ def test_linux_guest_ping_and_tcp_download(netns: Netns, host_profile: HostProfi
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert ping.returncode == 0, ping.stdout + ping.stderr
-        lines = ok(f"wget -q -O - http://{HOST_IP}:8000/blob | sha256sum")
-        assert lines[0].split()[0] == hashlib.sha256(blob).hexdigest()
+        r = console.run(f"wget -q -O - http://{HOST_IP}:8000/blob | sha256sum", t)
+        assert r.rc == 0 and r.lines, f"download failed: {r}\n{console.transcript[-3000:]}"
+        assert r.lines[0].split()[0] == hashlib.sha256(blob).hexdigest()
+        print(f"4 MiB TCP download: {r.guest_seconds:.2f} s guest time")
         features = ok("cat /sys/class/net/eth0/device/features")[0]
         # guest_csum(1), guest_tso4(7), mrg_rxbuf(15) were negotiated
         assert features[1] == features[7] == features[15] == "1", features
