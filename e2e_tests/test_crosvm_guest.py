@@ -282,3 +282,65 @@ def test_block_bench_with_direct_descriptors(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "bench.img", 64 << 20)
     params = {"bench_ms": 300, "bench": "seq-read", "no_features": 28}
     crosvm_guest(GuestConfig("blk-bench", params, disks=(Disk(disk),)))
+
+
+# --- the sandbox (the default) ------------------------------------------------------------
+
+
+def _jailed_device_pids(vmm_pid: int) -> list[int]:
+    """Descendants of the VMM that run under a seccomp filter: the jailed device processes."""
+    found, frontier = [], [vmm_pid]
+    while frontier:
+        parent = frontier.pop()
+        for child in subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True
+        ).stdout.split():
+            pid = int(child)
+            frontier.append(pid)
+            status = Path(f"/proc/{pid}/status").read_text()
+            if "Seccomp:\t2" in status:
+                found.append(pid)
+    return found
+
+
+def test_devices_run_jailed_and_a_dead_device_ends_the_vm(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "j.img", 2 << 20)
+    argv = [CROSVM, "run", "--no-rng", "-d", str(disk), "-p", "scenario=serial-echo"]
+    from fixture import GuestVm, build_guest
+
+    with GuestVm([*argv, str(build_guest())]) as vm:
+        vm.wait_for("READY serial-echo", TIMEOUT)
+        jailed = _jailed_device_pids(vm.proc.pid)
+        assert len(jailed) == 1, jailed  # the block device
+        status = Path(f"/proc/{jailed[0]}/status").read_text()
+        assert "CapEff:\t0000000000000000" in status and "NoNewPrivs:\t1" in status
+        assert not Path(f"/proc/{jailed[0]}/root/etc/passwd").exists()  # empty root
+        os.kill(jailed[0], signal.SIGKILL)
+        result = vm.wait(30)
+    assert result.returncode == 1
+    assert "died" in result.stderr and "SIGKILL" in result.stderr and "block" in result.stderr
+
+
+def test_disk_resize_reaches_a_jailed_block_device(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "r.img", 2 << 20)
+    sock = tmp_path / "vm.sock"
+    argv = [CROSVM, "run", "--no-rng", "-s", str(sock), "--rwdisk", str(disk),
+            "-p", "scenario=serial-echo"]  # fmt: skip
+    from fixture import GuestVm, build_guest
+
+    with GuestVm([*argv, str(build_guest())]) as vm:
+        vm.wait_for("READY serial-echo", TIMEOUT)
+        assert _jailed_device_pids(vm.proc.pid)
+        assert _control("disk", "resize", "0", "4M", str(sock)).returncode == 0
+        assert disk.stat().st_size == 4 << 20
+        assert _control("disk", "resize", "5", "4M", str(sock)).returncode == 1  # no such disk
+        assert _control("stop", str(sock)).returncode == 0
+        assert vm.wait(10).returncode == 0
+
+
+def test_block_read_without_the_sandbox(tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "n.img", 4 << 20, seed=2)
+    result = run_crosvm("--no-rng", "-d", str(disk), "-p", "scenario=blk-read-sha256",
+                        str(__import__("fixture").build_guest()))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"sha256={sha256(disk)}" in result.stdout
