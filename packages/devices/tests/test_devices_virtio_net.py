@@ -113,10 +113,8 @@ class Guest:
         self.kicks = [EventFd(), EventFd()]
         self.irq = EventFd()
         feats = net.acked_features
-        net.activate(
-            self.mem, Interrupt(intx_evt=self.irq),
-            [self.rx.make_queue(features=feats), self.tx.make_queue(features=feats)], self.kicks,
-        )  # fmt: skip
+        self.queues = [self.rx.make_queue(features=feats), self.tx.make_queue(features=feats)]
+        net.activate(self.mem, Interrupt(intx_evt=self.irq), self.queues, self.kicks)
 
     def post_rx(
         self, size: int = 2048, count: int = 1, *, kick: bool = True
@@ -372,7 +370,9 @@ def test_reset_and_reactivate(wire: Wire) -> None:
     first = Guest(net)
     first.send(test_frame(70, 1))
     assert wire.recv() == test_frame(70, 1)
+    assert all("add_used" in vars(q) for q in first.queues)  # tear-free publication
     assert net.reset()
+    assert not any("add_used" in vars(q) for q in first.queues)  # handed back on reset
     first.close(close_net=False)
     assert not wire.tap.closed
     second = Guest(net)

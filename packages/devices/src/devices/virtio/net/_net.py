@@ -250,6 +250,8 @@ class Net(ThreadedVirtioDevice):
         self._rx_pending = None
 
     def on_reset(self) -> None:
+        for ring in self._rings:
+            ring.detach()
         self._rings = []
         self._tap_polled = False
         self._rx_held = None

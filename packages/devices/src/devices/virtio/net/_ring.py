@@ -39,6 +39,11 @@ class RingWriter:
         queue.set_avail_event = self.set_avail_event  # type: ignore[method-assign]
         queue.add_used = self.add_used  # type: ignore[method-assign]
 
+    def detach(self) -> None:
+        """Give the queue its own methods back (device reset)."""
+        for name in ("set_avail_event", "add_used"):
+            self._queue.__dict__.pop(name, None)
+
     def set_avail_event(self, value: int) -> None:
         self._avail_event[0] = value & 0xFFFF
 
