@@ -11,10 +11,11 @@ stock one dies on its int3 self-test), so ``auto`` picks it there; on hardware K
 boots Debian's stock cloud kernel. Both come from the kit cache (built on first use).
 
 With a terminal on stdin, crosvm itself is exec'd: it puts the terminal in raw mode and connects
-it to the guest's serial console. Without one (a pipe or a file), the guest's serial input is
-dropped until its shell opens the console (Linux's 8250 driver clears the receive FIFO when the
-port is opened), so this script starts crosvm with pipes, copies the console to stdout, and
-feeds stdin to the guest only after the shell is up (``GUEST-INIT-READY``).
+it to the guest's serial console. Without one (a pipe or a file), input must not reach the guest
+early: crosvm's 16550 keeps it in the receive FIFO until the guest reads, and Linux's 8250
+driver clears that FIFO when it sets the port up, so a command piped straight into ``crosvm
+run`` is lost (measured: the shell never sees it). This script then starts crosvm with pipes,
+copies the console to stdout, and feeds stdin only once the shell is up (``GUEST-INIT-READY``).
 """
 
 from __future__ import annotations
