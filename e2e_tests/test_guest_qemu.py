@@ -141,8 +141,9 @@ def test_interrupts_delivered(
     r = _run(cfg, host_profile).find("irq_mode")
     assert r["irq_mode"] == irq and r["hlt"] == ("1" if wait == "hlt" else "0")
     assert r["ok"] == r["requests"] == "50"
-    # EVENT_IDX lets the device skip an interrupt for a completion the driver already saw
-    assert int(r["interrupts"]) >= (25 if irq == "msix" else 1)
+    # EVENT_IDX lets the device skip an interrupt for a completion the driver already saw, so a
+    # spinning driver may see few; a driver sleeping in hlt must be woken by most completions.
+    assert int(r["interrupts"]) >= (25 if irq == "msix" and wait == "hlt" else 1)
 
 
 @vm
