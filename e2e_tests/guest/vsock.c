@@ -1,7 +1,9 @@
 /*
  * virtio-vsock (virtio 1.2 section 5.10), stream sockets: accept one connection from the host
  * on `port` (default 5000), echo what arrives, finish when the stream ends with "END\n" or the
- * host shuts down. Credit-based flow control as the spec requires.
+ * host shuts down. Credit-based flow control as the spec requires: received bytes wait in a
+ * pending ring until the host has credit for their echo, and only then count as forwarded
+ * (fwd_cnt), so the host can never send more than the ring (BUF_ALLOC) holds and nothing is lost.
  */
 #include "scenarios.h"
 #include "virtio.h"
@@ -32,6 +34,9 @@ static u8 *txbufs;
 static u32 txn;
 static u64 my_cid;
 static u32 fwd_cnt, tx_cnt, peer_alloc, peer_fwd;
+static u8 pending[BUF_ALLOC]; /* received, not yet echoed (a ring) */
+static u32 p_head, p_len;
+static int credit_asked;
 
 static void send_pkt(const struct vsock_hdr *in, u16 op, const void *data, u32 len, u32 flags) {
     while (vq_get(txq, NULL)) {
@@ -77,7 +82,8 @@ void sc_vsock_echo(void) {
     vq_kick(rxq);
     u32 port = (u32)cmdline_u64("port", 5000);
     printf("READY vsock-echo cid=%lu port=%u\n", (unsigned long)my_cid, port);
-    int connected = 0, done = 0;
+    int connected = 0, done = 0, end_seen = 0;
+    struct vsock_hdr peer = {0};
     u64 rx_bytes = 0;
     char tail[4] = {0};
     u64 deadline = rdtsc() + tsc_ms(cmdline_u64("timeout_ms", 30000));
@@ -105,25 +111,15 @@ void sc_vsock_echo(void) {
                 break;
             case OP_RW: {
                 rx_bytes += plen;
-                fwd_cnt += plen;
+                if (plen > BUF_ALLOC - p_len) fail("vsock-echo: host overran our credit");
                 for (u32 i = 0; i < plen; i++) {
                     memmove(tail, tail + 1, 3);
                     tail[3] = (char)b[HDR + i];
+                    pending[(p_head + p_len + i) % BUF_ALLOC] = b[HDR + i];
                 }
-                for (u32 off = 0; off < plen;) {
-                    u32 credit = peer_alloc - (tx_cnt - peer_fwd);
-                    if (!credit) { /* wait for the host to consume: ask for its counters */
-                        send_pkt(&h, OP_CREDIT_REQUEST, NULL, 0, 0);
-                        break;
-                    }
-                    u32 n = plen - off < credit ? plen - off : credit;
-                    send_pkt(&h, OP_RW, b + HDR + off, n, 0);
-                    off += n;
-                }
-                if (!memcmp(tail, "END\n", 4)) {
-                    send_pkt(&h, OP_SHUTDOWN, NULL, 0, 3);
-                    done = 1;
-                }
+                p_len += plen;
+                peer = h;
+                if (!memcmp(tail, "END\n", 4)) end_seen = 1;
                 break;
             }
             case OP_CREDIT_REQUEST:
@@ -143,6 +139,27 @@ void sc_vsock_echo(void) {
         struct vbuf v = {b, BUFSZ};
         vq_add(rxq, &v, 0, 1, b);
         vq_kick(rxq);
+        /* Echo what the host has credit for; ask for its counters once when it has none. */
+        while (p_len) {
+            u32 credit = peer_alloc - (tx_cnt - peer_fwd);
+            if (!credit) {
+                if (!credit_asked) send_pkt(&peer, OP_CREDIT_REQUEST, NULL, 0, 0);
+                credit_asked = 1;
+                break;
+            }
+            credit_asked = 0;
+            u32 n = p_len < credit ? p_len : credit;
+            if (n > PAYLOAD) n = PAYLOAD;
+            if (n > BUF_ALLOC - p_head) n = BUF_ALLOC - p_head; /* contiguous part of the ring */
+            fwd_cnt += n; /* consumed from our buffer: the header below tells the host */
+            send_pkt(&peer, OP_RW, pending + p_head, n, 0);
+            p_head = (p_head + n) % BUF_ALLOC;
+            p_len -= n;
+        }
+        if (end_seen && !p_len && !done) {
+            send_pkt(&peer, OP_SHUTDOWN, NULL, 0, 3);
+            done = 1;
+        }
     }
     u64 t0 = rdtsc();
     while (txq->num_free != txq->size && rdtsc() - t0 < tsc_ms(2000)) vq_get(txq, NULL);

@@ -526,51 +526,6 @@ def test_reset_drops_connections_and_device_can_be_reactivated(uds: str) -> None
         g.close()
 
 
-def _transient_zeros(publish_with_vsock: bool, entries: int = 30_000) -> int:
-    """Count the times a forked "vCPU" polling used->idx sees it go backwards (a torn store)."""
-    import struct as _struct
-
-    from devices.virtio.vsock._publish import single_store_publication
-
-    mem = make_guest_memory(1 << 20)
-    drv = VirtQueueDriver(mem, 0x1000, size=256)
-    queue = drv.make_queue()
-    if publish_with_vsock:
-        single_store_publication(queue)
-    idx = mem.view(drv.used_ring + 2, 2).cast("H")
-    stop = mem.view(0x80000, 2).cast("H")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        bad, last = 0, idx[0]
-        os.write(w, b"r")
-        while not stop[0]:
-            now = idx[0]
-            bad += ((now - last) & 0xFFFF) > 0x8000
-            last = now
-        os.write(w, _struct.pack("<Q", bad))
-        os._exit(0)
-    try:
-        os.read(r, 1)
-        for i in range(entries):
-            queue.add_used(i & 0xFF, 0)
-        stop[0] = 1
-        os.waitpid(pid, 0)
-        return int(_struct.unpack("<Q", os.read(r, 8))[0])
-    finally:
-        os.close(r)
-        os.close(w)
-        mem.close()
-
-
-def test_used_index_is_never_seen_going_back_to_zero() -> None:
-    assert _transient_zeros(publish_with_vsock=True) == 0
-
-
-def test_activation_installs_single_store_publication(guest: Guest) -> None:
-    assert all("single_store" in q.add_used.__qualname__ for q in guest.dev.queues)
-
-
 def test_transport_reset_drops_connections_and_posts_the_event(guest: Guest, uds: str) -> None:
     sock, _ = host_connect(guest, uds)
     with sock:

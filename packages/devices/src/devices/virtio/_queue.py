@@ -183,7 +183,7 @@ class Queue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
-        self._used_idx: memoryview | None = None  # used->idx as one u16 (see _publish)
+        self._used_idx: memoryview | None = None  # used->idx as one u16 (see activate)
         self._avail_event: memoryview | None = None
 
     # -- activation ------------------------------------------------------------------------

@@ -49,7 +49,6 @@ from devices.virtio.vsock._packet import (
     pack_header,
     unpack_header,
 )
-from devices.virtio.vsock._publish import single_store_publication
 from sys_util import AsRawFd, EventFd, PollContext, PollEvents, TimerFd
 
 __all__ = [
@@ -207,9 +206,6 @@ class Vsock(ThreadedVirtioDevice):
             self._reset_evt.read()
         except BlockingIOError:
             pass
-        for queue in self.queues:
-            if queue.active:
-                single_store_publication(queue)
         self._inner = PollContext[int]()
         self._timer = TimerFd(nonblocking=True)
         self._timer_armed = False
