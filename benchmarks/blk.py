@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "e2e_tests"))
 
 from fixture import Disk, GuestConfig, build_guest  # noqa: E402
-from fixture._run import GuestVm  # noqa: E402
+from fixture._run import GuestResult, GuestVm  # noqa: E402
 from fixture._vmm import crosvm_command, qemu_command  # noqa: E402
 from fixture.errors import Error as FixtureError  # noqa: E402
 
@@ -142,7 +142,10 @@ def host_direct(path: Path, seconds: float) -> dict[str, float]:
     return {"seq_mb_per_s": seq, "rand4k_iops": iops}
 
 
-def run_vm(vmm: str, image: Path, args: argparse.Namespace, crosvm: str) -> dict[str, dict]:
+Figures = dict[str, dict[str, float]]
+
+
+def run_vm(vmm: str, image: Path, args: argparse.Namespace, crosvm: str) -> Figures:
     """One guest run -> {"seq-read/1": {"mb_per_s":..., "iops":...}, ...}; SystemExit on failure."""
     cfg = GuestConfig(
         "blk-bench",
@@ -156,19 +159,20 @@ def run_vm(vmm: str, image: Path, args: argparse.Namespace, crosvm: str) -> dict
         with GuestVm(argv) as vm:
             result = vm.wait(timeout).check()
     except FixtureError as err:
-        out = getattr(err, "output", "") or ""
-        print(f"\n{vmm} FAILED: {err}\n{out[-2000:]}", file=sys.stderr)
+        print(f"\n{vmm} FAILED: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, float]] = {}
     for entry in result.find_all("bench"):
         if int(entry["errors"]):
-            print(f"\n{vmm}: {entry['bench']} qd={entry['qd']} had {entry['errors']} I/O errors",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"\n{vmm}: {entry['bench']} qd={entry['qd']} had {entry['errors']} I/O errors",
+                file=sys.stderr,
+            )
             raise SystemExit(1)
         out[f"{entry['bench']}/{entry['qd']}"] = {
             "mb_per_s": float(entry["mb_per_s"]),
             "iops": float(entry["iops"]),
-            "notifies": int(entry["notifies"]),
+            "notifies": float(entry["notifies"]),
         }
     if len(out) != 2 * len(TESTS):
         print(f"\n{vmm}: expected {2 * len(TESTS)} results, got {sorted(out)}", file=sys.stderr)
@@ -181,50 +185,72 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def profile_device(image: Path, args: argparse.Namespace, crosvm: str, outdir: Path) -> None:
-    """Sandboxed crosvm on 4 KiB random reads; py-spy the block device's (forked) process."""
-    py_spy = Path(sys.executable).parent / "py-spy"
-    if not py_spy.exists():
-        print("py-spy not found next to the interpreter: no profile", file=sys.stderr)
-        return
-    outdir.mkdir(parents=True, exist_ok=True)
-    ms = 12000
-    cfg = GuestConfig(
-        "blk-bench",
-        params={"bench_ms": ms, "qd": args.qd, "bench": "rand-read"},
-        mem_mib=512,
-        disks=(Disk(image),),
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _bench_summary(res: GuestResult) -> str:
+    return " ".join(
+        f"qd={e['qd']}:{e['mb_per_s']}MB/s,{e['iops']}IOPS" for e in res.find_all("bench")
     )
-    with GuestVm(vmm_argv("crosvm", cfg, crosvm)) as vm:
-        vm.wait_for(r"RESULT blk=", 60)
-        main_pid = vm.proc.pid
-        kids = _descendants(main_pid)
-        print(f"profile: crosvm pid {main_pid}, descendants {kids}")
-        target = kids[-1] if kids else main_pid
-        for pid, name in ((main_pid, "vmm-main"), (target, "blk-device")):
-            if pid == main_pid and name == "blk-device":
-                continue
-            with open(outdir / f"{name}.txt", "w") as f:
-                subprocess.run([str(py_spy), "dump", "--pid", str(pid)], stdout=f,
-                               stderr=subprocess.STDOUT, check=False, timeout=30)  # fmt: skip
-        rec = subprocess.run(
-            [str(py_spy), "record", "--pid", str(target), "--duration", "8", "--rate", "200",
-             "--format", "raw", "-o", str(outdir / "blk-device.folded"), "--nonblocking"],
-            capture_output=True, text=True, check=False, timeout=60,
-        )  # fmt: skip
-        print(rec.stderr[-500:])
-        subprocess.run(
-            [str(py_spy), "record", "--pid", str(main_pid), "--duration", "3", "--rate", "200",
-             "--format", "raw", "-o", str(outdir / "vmm-main.folded"), "--nonblocking"],
-            capture_output=True, text=True, check=False, timeout=60,
-        )  # fmt: skip
-        vm.wait(ms / 1000 * 2 + 60)
-    for name in ("blk-device", "vmm-main"):
-        folded = outdir / f"{name}.folded"
-        if folded.exists():
-            print(f"\n{name}: top self-time frames")
-            for line in top_frames(folded, 12):
-                print("  " + line)
+
+
+def profile_device(image: Path, args: argparse.Namespace, crosvm: str, outdir: Path) -> None:
+    """Where crosvm's time goes, for the 1 MiB sequential read and 4 KiB random read tests.
+
+    1. sandboxed crosvm: CPU seconds of the main process (vCPU thread) and of the jailed block
+       device's process over the whole run. (py-spy cannot attach to the jailed process: the
+       jail pivot_roots into an empty read-only tmpfs, so py-spy finds no interpreter binary
+       under /proc/PID/root and fails with ENOENT.)
+    2. ``--disable-sandbox`` (the same device code, as a thread of the main process): a
+       ``py-spy record`` of the whole run, folded stacks per thread in ``DIR/<test>.folded``;
+       the top self-time frames are printed.
+    """
+    py_spy = Path(sys.executable).parent / "py-spy"
+    outdir.mkdir(parents=True, exist_ok=True)
+    ms = 5000
+    for test in ("seq-read", "rand-read"):
+        cfg = GuestConfig(
+            "blk-bench",
+            params={"bench_ms": ms, "qd": args.qd, "bench": test},
+            mem_mib=512,
+            disks=(Disk(image),),
+        )
+        drop_cache(image)
+        with GuestVm(vmm_argv("crosvm", cfg, crosvm)) as vm:
+            vm.wait_for(r"RESULT blk=", 60)
+            kids = _descendants(vm.proc.pid)
+            pids = {"main": vm.proc.pid, **({"device": kids[-1]} if kids else {})}
+            before = {k: cpu_seconds(p) for k, p in pids.items()}
+            t0 = time.monotonic()
+            vm.wait_for(rf"RESULT bench={test} bs=\d+ qd={args.qd} ", 2 * ms / 1000 + 60)
+            wall = time.monotonic() - t0
+            used = {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
+            res = vm.wait(60).check()
+        cpu = ", ".join(f"{k} {100 * v / wall:.0f}% of a CPU" for k, v in used.items())
+        print(f"profile {test} sandboxed: {_bench_summary(res)}; {cpu} (pids {pids})")
+        if not py_spy.exists():
+            print("py-spy not found next to the interpreter: no stack profile", file=sys.stderr)
+            continue
+        drop_cache(image)
+        folded = outdir / f"{test}.folded"
+        with GuestVm(vmm_argv("crosvm-nosb", cfg, crosvm)) as vm:
+            vm.wait_for(r"RESULT blk=", 60)
+            rec = subprocess.run(
+                [str(py_spy), "record", "--pid", str(vm.proc.pid), "--threads", "--nonblocking",
+                 "--rate", "250", "--duration", str(2 * ms // 1000), "--format", "raw",
+                 "-o", str(folded)],
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            res = vm.wait(60).check()
+        if rec.returncode != 0 or not folded.exists():
+            print(f"py-spy failed: {rec.stderr[-800:]}", file=sys.stderr)
+            continue
+        print(f"profile {test} --disable-sandbox: {_bench_summary(res)}; py-spy {folded}")
+        for line in top_frames(folded, 14, 250 * 2 * ms / 1000):
+            print("  " + line)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -242,20 +268,32 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def top_frames(folded: Path, n: int) -> list[str]:
-    """Self time per leaf frame from py-spy's raw (folded stack) output."""
-    leaf: dict[str, int] = {}
-    total = 0
+def top_frames(folded: Path, n: int, samples_per_run: float) -> list[str]:
+    """Busy time per thread and per (thread, leaf frame) from py-spy's raw folded stacks.
+
+    Percentages are of one CPU over the recording (``samples_per_run`` = rate x duration);
+    py-spy leaves idle samples (threads blocked in a syscall such as poll) out by default.
+    """
+    per_thread: dict[str, int] = {}
+    leaf: dict[tuple[str, str], int] = {}
     for line in folded.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        frames = stack.split(";")
+        if not stack or not count.isdigit():
             continue
-        c = int(count)
-        total += c
-        frame = stack.split(";")[-1]
-        leaf[frame] = leaf.get(frame, 0) + c
+        thread = next((f for f in frames if f.startswith("thread ")), "?")
+        # the outermost frame of the thread names what it runs (e.g. the device worker)
+        after = frames[frames.index(thread) + 1 :] if thread in frames else frames
+        label = f"{thread} {after[0] if after else ''}"
+        per_thread[label] = per_thread.get(label, 0) + int(count)
+        key = (label, frames[-1])
+        leaf[key] = leaf.get(key, 0) + int(count)
+    out = [f"thread busy {100 * c / samples_per_run:5.1f}%  {t}"
+           for t, c in sorted(per_thread.items(), key=lambda kv: -kv[1])]  # fmt: skip
     ranked = sorted(leaf.items(), key=lambda kv: -kv[1])[:n]
-    return [f"{100 * c / max(total, 1):5.1f}%  {f}" for f, c in ranked]
+    out += [f"{100 * c / samples_per_run:5.1f}%  {f}   [{t.split(' ', 2)[1]}]"
+            for (t, f), c in ranked]  # fmt: skip
+    return out
 
 
 def fmt(x: float) -> str:
@@ -276,7 +314,7 @@ def main() -> int:
     build_guest()
     started = time.monotonic()
     print(f"load average at start: {loadavg()}  (2 host CPUs; other jobs share them)")
-    raw: dict[str, list[dict]] = {v: [] for v in VMMS}
+    raw: dict[str, list[dict[str, dict[str, float]]]] = {v: [] for v in VMMS}
     host: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="pycrosvm-blkbench-") as tmp:
         image = Path(tmp) / "disk.img"
@@ -288,16 +326,24 @@ def main() -> int:
             drop_cache(image)
             h = host_direct(image, 2.0)
             host.append(h)
-            print(f"round {rnd + 1}: host O_DIRECT {h['seq_mb_per_s']:.0f} MB/s seq 1M, "
-                  f"{h['rand4k_iops']:.0f} IOPS rand 4K QD1; load {loadavg()}", flush=True)  # fmt: skip
+            print(
+                f"round {rnd + 1}: host O_DIRECT {h['seq_mb_per_s']:.0f} MB/s seq 1M, "
+                f"{h['rand4k_iops']:.0f} IOPS rand 4K QD1; load {loadavg()}",
+                flush=True,
+            )
             for vmm in order:
                 drop_cache(image)
                 r = run_vm(vmm, image, args, crosvm)
                 raw[vmm].append(r)
-                print(f"  {vmm:12s} {r['_seconds']['wall']:5.1f} s  "
-                      + "  ".join(f"{k}={fmt(v['mb_per_s'] if k.startswith('seq') else v['iops'])}"
-                                  for k, v in r.items() if not k.startswith("_")),
-                      flush=True)  # fmt: skip
+                print(
+                    f"  {vmm:12s} {r['_seconds']['wall']:5.1f} s  "
+                    + "  ".join(
+                        f"{k}={fmt(v['mb_per_s'] if k.startswith('seq') else v['iops'])}"
+                        for k, v in r.items()
+                        if not k.startswith("_")
+                    ),
+                    flush=True,
+                )
         if args.profile:
             drop_cache(image)
             profile_device(image, args, crosvm, args.profile)
@@ -306,11 +352,13 @@ def main() -> int:
     # --- table ------------------------------------------------------------------------------
     keys = [f"{t}/{q}" for t in TESTS for q in (1, args.qd)]
     print(f"\nmedians of {args.rounds} rounds (seq: MB/s, rand: IOPS); ratios = crosvm / QEMU\n")
-    hdr = (f"{'test':11s} {'qd':>3s} {'unit':>5s} {'qemu':>8s} {'crosvm':>8s} {'nosb':>8s} "
-           f"{'crosvm/q':>8s} {'nosb/q':>7s} {'sb cost':>7s}  target")  # fmt: skip
+    hdr = (
+        f"{'test':11s} {'qd':>3s} {'unit':>5s} {'qemu':>8s} {'crosvm':>8s} {'nosb':>8s} "
+        f"{'crosvm/q':>8s} {'nosb/q':>7s} {'sb cost':>7s}  target"
+    )
     print(hdr)
     print("-" * len(hdr))
-    summary = []
+    summary: list[dict[str, object]] = []
     for key in keys:
         test, qd = key.split("/")
         unit = "mb_per_s" if test.startswith("seq") else "iops"
@@ -319,18 +367,32 @@ def main() -> int:
         ratio_nosb = med["crosvm-nosb"] / med["qemu"] if med["qemu"] else 0.0
         cost = 1 - med["crosvm"] / med["crosvm-nosb"] if med["crosvm-nosb"] else 0.0
         target = TARGETS.get(test)
-        verdict = "-" if target is None else (
-            f">={target}x {'ok' if ratio >= target else 'MISSED'}")  # fmt: skip
+        verdict = (
+            "-" if target is None else (f">={target}x {'ok' if ratio >= target else 'MISSED'}")
+        )
         sb = "ok" if cost <= SANDBOX_MAX_COST else "MISSED"
-        print(f"{test:11s} {qd:>3s} {'MB/s' if unit == 'mb_per_s' else 'IOPS':>5s} "
-              f"{fmt(med['qemu']):>8s} {fmt(med['crosvm']):>8s} {fmt(med['crosvm-nosb']):>8s} "
-              f"{ratio:7.2f}x {ratio_nosb:6.2f}x {100 * cost:+6.0f}%  {verdict}; sandbox<=10% {sb}")  # fmt: skip
-        summary.append({"test": test, "qd": int(qd), "unit": unit, **med, "ratio": ratio,
-                        "ratio_nosb": ratio_nosb, "sandbox_cost": cost})  # fmt: skip
+        print(
+            f"{test:11s} {qd:>3s} {'MB/s' if unit == 'mb_per_s' else 'IOPS':>5s} "
+            f"{fmt(med['qemu']):>8s} {fmt(med['crosvm']):>8s} {fmt(med['crosvm-nosb']):>8s} "
+            f"{ratio:7.2f}x {ratio_nosb:6.2f}x {100 * cost:+6.0f}%  {verdict}; sandbox<=10% {sb}"
+        )
+        summary.append(
+            {
+                "test": test,
+                "qd": int(qd),
+                "unit": unit,
+                **med,
+                "ratio": ratio,
+                "ratio_nosb": ratio_nosb,
+                "sandbox_cost": cost,
+            }
+        )
     hs = statistics.median(h["seq_mb_per_s"] for h in host)
     hr = statistics.median(h["rand4k_iops"] for h in host)
-    print(f"\nhost O_DIRECT limit (median): {hs:.0f} MB/s sequential 1 MiB QD1, "
-          f"{hr:.0f} IOPS 4 KiB random QD1")
+    print(
+        f"\nhost O_DIRECT limit (median): {hs:.0f} MB/s sequential 1 MiB QD1, "
+        f"{hr:.0f} IOPS 4 KiB random QD1"
+    )
     print("sb cost = how much slower sandboxed crosvm is than --disable-sandbox (negative: faster)")
     if args.json:
         args.json.write_text(json.dumps({"raw": raw, "host": host, "summary": summary}, indent=1))
