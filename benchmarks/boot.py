@@ -73,8 +73,11 @@ def qemu_argv(machine: str, kernel: Path, initrd: Path, cmdline: str, mem: int) 
     return [*argv, "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
 
-def boot_once(vmm: str, mode: str, argv: list[str], kill_at_done: bool) -> Boot:
+def boot_once(
+    vmm: str, mode: str, argv: list[str], kill_at_done: bool, log: Path | None = None
+) -> Boot:
     result = Boot(vmm, mode)
+    transcript: list[bytes] = []
     start = time.monotonic()
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -88,6 +91,7 @@ def boot_once(vmm: str, mode: str, argv: list[str], kill_at_done: bool) -> Boot:
         while chunk := os.read(stdout.fileno(), 65536):
             now = time.monotonic() - start
             result.console_bytes += len(chunk)
+            transcript.append(chunk)
             buf = (buf + chunk)[-8192:]
             if result.ready is None and b"GUEST-INIT-READY" in buf:
                 result.ready = now
@@ -116,6 +120,8 @@ def boot_once(vmm: str, mode: str, argv: list[str], kill_at_done: bool) -> Boot:
     stdout.close()
     stderr.close()
     result.status = proc.returncode
+    if log is not None:
+        log.write_bytes(b"".join(transcript))
     result.maxrss_kib = rusage.ru_maxrss
     result.cpu_s = rusage.ru_utime + rusage.ru_stime
     if not (kill_at_done and result.done is not None):
@@ -140,6 +146,7 @@ def main() -> int:
     parser.add_argument("--mem", type=int, default=256, help="guest MiB (default 256)")
     parser.add_argument("--only", choices=("quiet", "verbose"))
     parser.add_argument("--vmm", action="append", choices=("crosvm", "qemu-q35", "qemu-microvm"))
+    parser.add_argument("--log-dir", type=Path, help="save each boot's console here")
     args = parser.parse_args()
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         print("boot: no usable /dev/kvm; skipped")
@@ -158,13 +165,17 @@ def main() -> int:
         if mode == "verbose":
             cmdline = " ".join(w for w in cmdline.split() if w != "quiet")
         print(f"\n[{mode}] cmdline: {cmdline}")
-        for _ in range(args.runs):
+        for run in range(args.runs):
             for vmm in vmms:
                 if vmm == "crosvm":
                     argv = crosvm_argv(kernel, initrd, cmdline, args.mem)
                 else:
                     argv = qemu_argv(vmm.split("-")[1], kernel, initrd, cmdline, args.mem)
-                b = boot_once(vmm, mode, argv, kill_at_done=vmm == "qemu-microvm")
+                log = None
+                if args.log_dir is not None:
+                    args.log_dir.mkdir(parents=True, exist_ok=True)
+                    log = args.log_dir / f"{vmm}-{mode}-{run}.log"
+                b = boot_once(vmm, mode, argv, kill_at_done=vmm == "qemu-microvm", log=log)
                 results.append(b)
                 print(
                     f"  {vmm:13s} ready {fmt(b.ready)} s  done {fmt(b.done)} s  exit "
