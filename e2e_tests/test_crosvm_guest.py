@@ -347,3 +347,32 @@ def test_block_read_without_the_sandbox(tmp_path: Path) -> None:
                         str(__import__("fixture").build_guest()))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"sha256={sha256(disk)}" in result.stdout
+
+
+@pytest.mark.qemu
+def test_qcow2_disk_is_detected_and_reads_like_its_raw_source(tmp_path: Path) -> None:
+    raw = make_disk(tmp_path / "src.img", 8 << 20, seed=9)
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image)], check=True
+    )
+    result = crosvm_guest(GuestConfig("blk-read-sha256", disks=(Disk(image, read_only=True),)))
+    entry = result.find("sha256")  # type: ignore[attr-defined]
+    assert entry["sha256"] == sha256(raw) and int(entry["bytes"]) == 8 << 20
+
+
+@pytest.mark.qemu
+def test_guest_writes_to_a_qcow2_disk_pass_qemu_img_check(tmp_path: Path) -> None:
+    image = tmp_path / "w.qcow2"
+    assert run_crosvm_cmd("create_qcow2", str(image), "8M").returncode == 0
+    cfg = GuestConfig("blk-write-pattern", {"seed": 3, "bytes": 2 << 20}, disks=(Disk(image),))
+    entry = crosvm_guest(cfg).find("written")  # type: ignore[attr-defined]
+    check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    raw = tmp_path / "w.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    assert entry["sha256"] == sha256(raw, 2 << 20)
+
+
+def run_crosvm_cmd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CROSVM, *args], capture_output=True, text=True, timeout=60)

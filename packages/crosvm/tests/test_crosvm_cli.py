@@ -101,3 +101,20 @@ def test_version_and_help() -> None:
     assert crosvm("version").stdout.startswith("crosvm 0.")
     help_text = crosvm("run", "--help")
     assert help_text.returncode == 0 and "--rwdisk" in help_text.stdout
+
+
+def test_create_qcow2_makes_an_image_of_that_size(tmp_path: Path) -> None:
+    from qcow import QcowFile, detect_image_type
+
+    path = tmp_path / "disk.qcow2"
+    result = crosvm("create_qcow2", str(path), "3M")
+    assert result.returncode == 0, result.stderr
+    assert detect_image_type(str(path)) == "qcow2"
+    with QcowFile.open(str(path)) as image:
+        assert image.virtual_size == 3 << 20
+        assert image.read_at(0, 4096) == bytes(4096)
+
+
+def test_create_qcow2_bad_size_is_status_2(tmp_path: Path) -> None:
+    result = crosvm("create_qcow2", str(tmp_path / "x.qcow2"), "lots")
+    assert result.returncode == 2 and "invalid size" in result.stderr
