@@ -226,7 +226,7 @@ def main() -> int:
           f"net-echo {args.echo} frames, window {args.window}")  # fmt: skip
     by = {(kind, vmm): r for kind, vmm, r in rows}
     for kind, vmm, r in rows:
-        print(f"  {kind:5} {vmm:7} " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items()))
+        print(f"  {kind:5} {vmm:7} " + "  ".join(f"{k}={v:,.4g}" for k, v in r.items()))
     keys = {"tx": ["pps"], "tx60": ["pps"], "echo": ["rtt_per_s"]}
     if args.linux:
         keys["linux"] = ["download_mbps", "upload_mbps"]
