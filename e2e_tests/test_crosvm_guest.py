@@ -376,3 +376,21 @@ def test_guest_writes_to_a_qcow2_disk_pass_qemu_img_check(tmp_path: Path) -> Non
 
 def run_crosvm_cmd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([CROSVM, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("irq", ["msix", "intx"])
+def test_disk_resize_reaches_the_guest_with_a_config_interrupt(tmp_path: Path, irq: str) -> None:
+    disk = make_disk(tmp_path / "g.img", 2 << 20)
+    sock = tmp_path / "vm.sock"
+    argv = [CROSVM, "run", "--no-rng", "-s", str(sock), "--rwdisk", str(disk),
+            "-p", f"scenario=blk-resize irq={irq}"]  # fmt: skip
+    from fixture import GuestVm, build_guest
+
+    with GuestVm([*argv, str(build_guest())]) as vm:
+        vm.wait_for("READY blk-resize capacity=4096", TIMEOUT)
+        assert _control("disk", "resize", "0", "4M", str(sock)).returncode == 0
+        result = vm.wait(TIMEOUT)
+    assert result.returncode == 0 and result.status == "ok", result.stderr
+    entry = result.find("resized")
+    assert (entry["old"], entry["new"], entry["read_last"]) == ("4096", "8192", "0")
+    assert int(entry["config_irqs"]) >= 1

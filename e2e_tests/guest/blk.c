@@ -148,3 +148,28 @@ void sc_pci_list(void) {
     }
     printf("RESULT pci_count=%d\n", n);
 }
+
+void sc_blk_resize(void) {
+    /* Wait for the host to resize the disk (crosvm disk resize): the new capacity must arrive
+     * with a configuration-change interrupt, and the new last sector must be readable. */
+    struct blk *b = blk_open((int)cmdline_u64("disk", 0));
+    int vec = virtio_config_irq(b->d);
+    u64 irqs0 = vec >= 0 ? irq_count[vec] : 0;
+    u64 cap0 = b->capacity, cap;
+    printf("READY blk-resize capacity=%lu config_vector=%d\n", (unsigned long)cap0, vec);
+    u64 deadline = rdtsc() + tsc_ms(cmdline_u64("timeout_ms", 60000));
+    while ((cap = virtio_cfg64(b->d, 0)) == cap0) {
+        if (rdtsc() > deadline) fail("blk-resize: the capacity never changed");
+        cpu_relax();
+    }
+    u64 t = rdtsc() + tsc_ms(2000); /* the interrupt may trail the config write a little */
+    while (vec >= 0 && irq_count[vec] == irqs0 && rdtsc() < t) cpu_relax();
+    b->capacity = cap;
+    u8 *buf = alloc(512, 512);
+    int st = blk_rw(b, VIRTIO_BLK_T_IN, cap - 1, buf, 512);
+    printf("RESULT resized old=%lu new=%lu config_irqs=%lu isr_bits=0x%lx read_last=%d\n",
+           (unsigned long)cap0, (unsigned long)cap,
+           (unsigned long)(vec >= 0 ? irq_count[vec] - irqs0 : 0),
+           (unsigned long)(vec >= 0 ? irq_isr_bits[vec] : 0), st);
+    if (st) fail("blk-resize: reading the new last sector failed (status %d)", st);
+}

@@ -120,6 +120,7 @@ static const struct scenario scenarios[] = {
     {"serial-echo", sc_serial_echo},
     {"blk-read-sha256", sc_blk_read_sha256},
     {"blk-write-pattern", sc_blk_write_pattern},
+    {"blk-resize", sc_blk_resize},
     {"blk-bench", sc_blk_bench},
     {"rng-read", sc_rng_read},
     {"console-echo", sc_console_echo},

@@ -14,6 +14,7 @@ void sc_pci_list(void);
 void sc_serial_echo(void);
 void sc_blk_read_sha256(void);
 void sc_blk_write_pattern(void);
+void sc_blk_resize(void);
 void sc_blk_bench(void);
 void sc_rng_read(void);
 void sc_console_echo(void);

@@ -204,6 +204,17 @@ struct virtq *virtio_queue(struct vdev *d, u16 i, u16 max_size) {
     return q;
 }
 
+int virtio_config_irq(struct vdev *d) {
+    /* Config-change interrupts: an MSI-X entry after the queues' (msix_config), or INTx, where the
+     * handler's read of the ISR (bit 1 = configuration change) deasserts the line. */
+    if (d->irq_mode == IRQ_INTX) return VEC_INTX;
+    if (d->irq_mode != IRQ_MSIX || d->nvq >= d->msix_entries || next_msix_vec >= 0xF0) return -1;
+    int vector = next_msix_vec++;
+    msix_set(d, (u16)d->nvq, (u8)vector);
+    mmio_w16(d->common + CC_MSIX, (u16)d->nvq);
+    return mmio_r16(d->common + CC_MSIX) == d->nvq ? vector : -1;
+}
+
 void virtio_driver_ok(struct vdev *d) {
     mmio_w8(d->common + CC_STATUS, VS_ACK | VS_DRIVER | VS_FEATURES_OK | VS_DRIVER_OK);
 }

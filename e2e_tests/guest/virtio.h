@@ -79,6 +79,8 @@ int virtio_init(struct vdev *d, u64 want);
 /* Configure queue i with up to max_size entries (0 = device maximum). */
 struct virtq *virtio_queue(struct vdev *d, u16 i, u16 max_size);
 void virtio_driver_ok(struct vdev *d);
+/* Route config-change interrupts (call after the queues); their vector in irq_count, or -1. */
+int virtio_config_irq(struct vdev *d);
 void virtio_reset(struct vdev *d);
 u8 virtio_status(struct vdev *d);
 int virtio_has(struct vdev *d, int bit);

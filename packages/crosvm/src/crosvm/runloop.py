@@ -294,3 +294,44 @@ def join_vcpu_threads(
     for name in stuck:
         log.error("%s did not stop within %.0f s; exiting without it", name, timeout)
     return stuck
+
+
+class ServiceThread:
+    """Serves ``(fd, on_readable)`` sources on a thread of its own.
+
+    The sandbox's interrupt-routing sockets must be answered even while the main thread is
+    blocked in a call to a device process (a control request such as a disk resize): a device
+    that is enabling MSI-X in the middle of that call waits for its routes, so serving them from
+    the main thread would deadlock the two. A handler that raises is logged; serving goes on.
+    """
+
+    def __init__(self, sources: Sequence[tuple[int, Callable[[], None]]], name: str) -> None:
+        self._sources = list(sources)
+        self._stop = EventFd()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _serve(self) -> None:
+        handlers = dict(enumerate(handler for _, handler in self._sources))
+        with PollContext[int]() as poll:
+            poll.add(self._stop, -1)
+            for token, (fd, _) in enumerate(self._sources):
+                poll.add(fd, token)
+            while True:
+                for token, _mask in poll.wait():
+                    if token == -1:
+                        return
+                    try:
+                        handlers[token]()
+                    except Exception:
+                        log.exception("%s: handler failed", self._thread.name)
+
+    def stop(self) -> None:
+        """Stop serving and wait for the thread (idempotent)."""
+        if not self._stop.closed:
+            if self._thread.is_alive():
+                self._stop.write(1)
+                self._thread.join(VCPU_STOP_TIMEOUT)
+            self._stop.close()

@@ -23,7 +23,14 @@ from crosvm import control
 from crosvm.config import Config
 from crosvm.device_setup import create_virtio_devices
 from crosvm.errors import ConfigError, VmError
-from crosvm.runloop import MainLoop, RunState, StopReason, join_vcpu_threads, start_vcpu_threads
+from crosvm.runloop import (
+    MainLoop,
+    RunState,
+    ServiceThread,
+    StopReason,
+    join_vcpu_threads,
+    start_vcpu_threads,
+)
 from devices.errors import SerialConfigError
 from devices.proxy import Sandbox
 from devices.serial import (
@@ -250,7 +257,9 @@ def run_config(config: Config) -> int:
                 sandbox.start()
             except (OSError, devices.Error, io_jail.Error) as err:
                 raise VmError(f"sandbox: {err}") from None
-            sources.extend(sandbox.sources())
+            service = ServiceThread(sandbox.sources(), "sandbox-service")
+            service.start()
+            stack.callback(service.stop)  # before sandbox.close (LIFO)
         if config.socket_path is not None:
             server = control.ControlServer(
                 config.socket_path, _Controller(state, vm, disk_resizers)
