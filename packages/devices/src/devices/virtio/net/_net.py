@@ -389,9 +389,9 @@ class Net(ThreadedVirtioDevice):
             if n <= cap:
                 if hdr == 12:
                     _put(iovecs, 10, b"\x01\x00")  # num_buffers = 1
-                add_used(chain.head, n)
-                stats.rx_frames += 1
+                stats.rx_frames += 1  # counters first: a test may read them once it sees used
                 stats.rx_bytes += n - hdr
+                add_used(chain.head, n)
             elif self._mrg:
                 self._rx_pending = _Merge(iovecs, n - cap, 0, [(chain.head, cap)])
                 stats.rx_bytes += n - hdr
@@ -421,12 +421,12 @@ class Net(ThreadedVirtioDevice):
             merge.offset += take
             merge.used.append((chain.head, take))
         _put(merge.header, 10, _U16.pack(len(merge.used)))
+        self.stats.rx_frames += 1
         add_used = self._rings[RXQ].add_used
         for head, length in merge.used:
             add_used(head, length)
         for head in merge.discard:
             add_used(head, 0)
-        self.stats.rx_frames += 1
         self._rx_pending = None
         return True
 
