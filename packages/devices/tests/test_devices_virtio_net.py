@@ -41,7 +41,8 @@ HDR = 12
 GUEST_MAC = bytes.fromhex("02aabbccdd01")
 HOST_MAC = bytes.fromhex("02aabbccdd02")
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CAP_NET_ADMIN)")
+#: Root-only (CAP_NET_ADMIN for the tap, unshare for the namespace): the root conftest skips it.
+needs_root = pytest.mark.root
 
 _CHILD = r"""
 import socket, subprocess, sys
