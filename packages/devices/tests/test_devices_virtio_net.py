@@ -54,8 +54,9 @@ for knob in ("all", "default"):  # no IPv6 autoconf chatter on the tap
         f.write("1")
 tap = Tap.create("vmtap%d")
 subprocess.run(["ip", "link", "set", "dev", tap.name, "address", sys.argv[2], "up"], check=True)
-pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
-pkt.bind((tap.name, 0x88B5))
+proto = int(sys.argv[3])
+pkt = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(proto))
+pkt.bind((tap.name, proto))
 chan = socket.socket(fileno=int(sys.argv[1]))
 socket.send_fds(chan, [tap.name.encode()], [tap.fileno(), pkt.fileno()])
 """
@@ -78,11 +79,11 @@ class Wire:
         return self.host.recv(70000)
 
 
-def open_wire() -> Wire:
+def open_wire(proto: int = ETH_TEST) -> Wire:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with parent, child:
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(child.fileno()), HOST_MAC.hex(":")],
+            [sys.executable, "-c", _CHILD, str(child.fileno()), HOST_MAC.hex(":"), str(proto)],
             pass_fds=(child.fileno(),), capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         if proc.returncode != 0:
@@ -388,6 +389,44 @@ def test_reset_and_reactivate(wire: Wire) -> None:
     finally:
         second.close()
     assert wire.tap.closed
+
+
+def _tcp4_frame(payload: bytes) -> bytes:
+    """Ethernet + IPv4 + TCP (ports 7->9, ACK|PSH) around ``payload``; TCP checksum left 0."""
+    ip_len = 20 + 20 + len(payload)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, ip_len, 1, 0, 64, 6, 0,
+                     bytes([10, 9, 9, 2]), bytes([10, 9, 9, 1]))  # fmt: skip
+    csum = sum(struct.unpack(">10H", ip))
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    ip = ip[:10] + struct.pack(">H", ~csum & 0xFFFF) + ip[12:]
+    tcp = struct.pack(">HHIIBBHHH", 7, 9, 1, 1, 5 << 4, 0x18, 65535, 0, 0)
+    return HOST_MAC + GUEST_MAC + b"\x08\x00" + ip + tcp + payload
+
+
+@needs_root
+def test_transmit_tso_super_frame_is_accepted_by_the_tap() -> None:
+    """HOST_TSO4: a 3000-byte TCP payload with gso_size 1000 and a partial checksum passes
+    the kernel's header checks; a GSO header with gso_size 0 is refused for that frame only."""
+    w = open_wire(proto=0x0800)
+    g = Guest(Net(w.tap, mac=GUEST_MAC))
+    try:
+        acked = g.net.acked_features
+        assert acked >> NetFeatures.HOST_TSO4 & 1 and acked >> NetFeatures.CSUM & 1
+        payload = os.urandom(3000)
+        frame = _tcp4_frame(payload)
+        # flags NEEDS_CSUM, gso TCPV4, hdr_len 54, gso_size 1000, csum_start 34, csum_offset 16
+        hdr = struct.pack("<BBHHHHH", 1, 1, 54, 1000, 34, 16, 0)
+        bad = struct.pack("<BBHHHHH", 1, 1, 54, 0, 34, 16, 0)
+        g.send(frame, header=bad)
+        g.send(frame, header=hdr)
+        g.tx.wait_used(2)
+        assert g.net.stats.tx_errors == 1 and g.net.stats.tx_frames == 1
+        w.host.settimeout(5)
+        got = w.host.recv(70000)
+        assert len(got) == len(frame) and got[54:] == payload
+    finally:
+        g.close()
+        w.host.close()
 
 
 def test_max_frame_bytes_covers_a_gso_super_frame() -> None:
