@@ -429,6 +429,32 @@ def test_transmit_tso_super_frame_is_accepted_by_the_tap() -> None:
         w.host.close()
 
 
+@needs_root
+def test_receive_tso_super_frame_into_mergeable_buffers() -> None:
+    """GUEST_TSO4 + MRG_RXBUF: the host hands the tap one 3054-byte GSO frame (a packet
+    socket with PACKET_VNET_HDR); it reaches the guest unsegmented, spread over 1526-byte
+    buffers with its GSO header intact and num_buffers = 3."""
+    w = open_wire(proto=0x0800)
+    w.host.setsockopt(263, 15, 1)  # SOL_PACKET, PACKET_VNET_HDR
+    g = Guest(Net(w.tap, mac=GUEST_MAC))
+    try:
+        assert g.net.tap_offloads() & TUN_F_TSO4
+        chains = g.post_rx(size=1526, count=4)
+        payload = os.urandom(3000)
+        frame = GUEST_MAC + HOST_MAC + _tcp4_frame(payload)[12:]  # host -> guest
+        w.host.send(struct.pack("<BBHHHH", 1, 1, 54, 1000, 34, 16) + frame)
+        used = g.rx.wait_used(3)
+        assert [h for h, _ in used] == [c.head for c in chains[:3]]
+        data = b"".join(g.rx.read_writable(c)[:n] for c, (_, n) in zip(chains, used, strict=False))
+        flags, gso_type, _, gso_size, _, _, nbuf = struct.unpack_from("<BBHHHHH", data)
+        assert (gso_type, gso_size, nbuf) == (1, 1000, 3)
+        assert flags & 1  # NEEDS_CSUM: the checksum is the guest's to finish (GUEST_CSUM)
+        assert data[HDR:] == frame
+    finally:
+        g.close()
+        w.host.close()
+
+
 def test_max_frame_bytes_covers_a_gso_super_frame() -> None:
     assert MAX_FRAME_BYTES >= 65535 + 14
 
