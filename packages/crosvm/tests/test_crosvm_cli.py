@@ -118,3 +118,10 @@ def test_create_qcow2_makes_an_image_of_that_size(tmp_path: Path) -> None:
 def test_create_qcow2_bad_size_is_status_2(tmp_path: Path) -> None:
     result = crosvm("create_qcow2", str(tmp_path / "x.qcow2"), "lots")
     assert result.returncode == 2 and "invalid size" in result.stderr
+
+
+def test_mac_alone_goes_with_an_existing_tap(kernel: Path) -> None:
+    config = parse_run_args(["--tap-name", "vmtap7", "--mac", "02:00:00:00:00:07", str(kernel)])
+    assert [(n.tap_name, n.mac) for n in config.net] == [("vmtap7", "02:00:00:00:00:07")]
+    with pytest.raises(ConfigError, match="together"):
+        parse_run_args(["--mac", "02:00:00:00:00:07", str(kernel)])

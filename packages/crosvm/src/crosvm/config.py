@@ -217,9 +217,13 @@ def parse_run_args(argv: Sequence[str]) -> Config:
         except argparse.ArgumentTypeError as err:
             raise ConfigError(f"crosvm run: disk {err}") from None
     net: list[NetOption] = []
-    tap_spec = (ns.host_ip, ns.netmask, ns.mac)
-    if any(v is not None for v in tap_spec):
-        if not all(v is not None for v in tap_spec):
+    existing_tap = ns.tap_name is not None or ns.tap_fd is not None
+    if (
+        ns.host_ip is not None
+        or ns.netmask is not None
+        or (ns.mac is not None and not existing_tap)
+    ):
+        if ns.host_ip is None or ns.netmask is None or ns.mac is None:
             raise ConfigError("crosvm run: --host_ip, --netmask and --mac must be given together")
         net.append(
             NetOption(host_ip=ns.host_ip, netmask=ns.netmask, mac=ns.mac, vhost_net=ns.vhost_net)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from devices.virtio._constants import DeviceType, Features
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
 from devices.virtio._queue import DescriptorChain, Queue
-from devices.virtio.net._ring import RingWriter
 from devices.virtio.net._tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -188,7 +187,6 @@ class Net(ThreadedVirtioDevice):
         self._mrg = False
         self._guest_csum = False
         self._tap_polled = False
-        self._rings: list[RingWriter] = []
         self._rx_held: DescriptorChain | None = None
         self._rx_pending: _Merge | None = None
         self._stage = bytearray(MAX_FRAME_BYTES + 16)
@@ -244,15 +242,11 @@ class Net(ThreadedVirtioDevice):
         self._hdr_len = 12 if modern or self._mrg else 10
         self.tap.set_vnet_hdr_size(self._hdr_len)
         self.tap.set_offload(self.tap_offloads())
-        self._rings = [RingWriter(q) for q in self.queues]
         self._tap_polled = False
         self._rx_held = None
         self._rx_pending = None
 
     def on_reset(self) -> None:
-        for ring in self._rings:
-            ring.detach()
-        self._rings = []
         self._tap_polled = False
         self._rx_held = None
         self._rx_pending = None
@@ -291,7 +285,7 @@ class Net(ThreadedVirtioDevice):
         fd = self.tap.fileno()
         hdr = self._hdr_len
         stats = self.stats
-        add_used = self._rings[TXQ].add_used
+        add_used = self.queues[TXQ].add_used
         while True:
             before = queue.next_used
             while (chain := queue.pop()) is not None:
@@ -341,7 +335,7 @@ class Net(ThreadedVirtioDevice):
         hdr = self._hdr_len
         stats = self.stats
         stage = self._stage_view
-        add_used = self._rings[RXQ].add_used
+        add_used = self.queues[RXQ].add_used
         frames = 0
         while frames < RX_BATCH:
             if self._rx_pending is not None:
@@ -422,7 +416,7 @@ class Net(ThreadedVirtioDevice):
             merge.used.append((chain.head, take))
         _put(merge.header, 10, _U16.pack(len(merge.used)))
         self.stats.rx_frames += 1
-        add_used = self._rings[RXQ].add_used
+        add_used = self.queues[RXQ].add_used
         for head, length in merge.used:
             add_used(head, length)
         for head in merge.discard:
