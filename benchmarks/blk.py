@@ -12,23 +12,27 @@ image (random data) in a fresh temp dir:
 * ``crosvm-nosb`` - the same with ``--disable-sandbox`` (device in the main process), to show
   what the sandbox costs.
 
-The host disk varies 2-3x minute to minute, so the VMMs are interleaved in every round (the order
-rotates: A B C, B C A, C A B ...) and the medians over rounds are compared. Before each VM the
-image's page cache is dropped (``posix_fadvise(DONTNEED)`` on this file only): QEMU reads with
-O_DIRECT, pycrosvm through the page cache, and neither should start with the image cached.
+Each test (``--tests``, default seq-read,seq-write,rand-read; rand-write also exists) runs in
+its own VM. The host disk varies 2-3x minute to minute, so for every test the VMMs run back to
+back, the order rotating each round (A B C, B C A, C A B ...), and the medians over rounds are
+compared. The image's page cache is dropped (``fdatasync`` + ``posix_fadvise(DONTNEED)``, this
+file only) before each VM and again when its QD1 result appears: QEMU reads with O_DIRECT,
+pycrosvm through the page cache, and neither should find blocks an earlier test cached.
 Each round also measures the host's own O_DIRECT reads of the file (1 MiB sequential and 4 KiB
 random at QD1, ``os.preadv`` on an aligned buffer): the physical limit.
 
 Targets (from the PCI/virtio issue): sequential >= 0.9x QEMU, 4 KiB random read >= 0.6x QEMU,
 sandboxed at most 10% slower than ``--disable-sandbox``. A missed target is reported, not an
-error (exit 0); a VM that fails or reports I/O errors exits 1.
+error (exit 0); a VM that fails or reports I/O errors exits 1. ~2.7 minutes at the defaults.
 
     python benchmarks/blk.py [--rounds 3] [--size-mib 1024] [--bench-ms 2000] [--qd 32]
-                             [--profile DIR] [--json PATH]
+                             [--tests seq-read,...] [--profile DIR] [--json PATH]
 
-``--profile DIR`` additionally runs sandboxed crosvm once more on the 4 KiB random-read test
-and records the block device's process with ``py-spy`` (``DIR/blk-device.svg`` flame graph and
-``DIR/blk-device.txt``, a ``py-spy dump`` sample).
+``--profile DIR`` (~1 more minute) re-runs seq-read and rand-read: sandboxed, with the CPU use of
+the main and the jailed device process from ``/proc``; and ``--disable-sandbox`` under
+``py-spy record --threads`` (folded stacks in ``DIR/<test>.folded``; the top frames are printed).
+py-spy cannot attach to the jailed process itself (its root is an empty read-only tmpfs, so
+py-spy finds no interpreter binary under /proc/PID/root). Results: ``blk_results.md``.
 """
 
 from __future__ import annotations
