@@ -82,11 +82,14 @@ class CrosvmLinux:
         return time.monotonic() - self.started
 
     def run(self, command: str, timeout: float) -> CommandResult:
-        return self.console.run(command, timeout)
+        try:
+            return self.console.run(command, timeout)
+        except TimeoutError as err:
+            pytest.fail(f"{command!r}: {str(err).splitlines()[0]}{self.context()}")
 
     def ok(self, command: str, timeout: float) -> tuple[str, ...]:
         """Run a command that must succeed; return its output lines."""
-        r = self.console.run(command, timeout)
+        r = self.run(command, timeout)
         assert r.rc == 0, f"{command!r} -> rc={r.rc} {r.lines}{self.context()}"
         return r.lines
 
