@@ -32,3 +32,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(
             "needs qemu-system-x86_64 and qemu-img (apt-get install qemu-system-x86 qemu-utils)"
         )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that boot Linux share one xdist group (``--dist=loadgroup``): they run one after
+    another on one worker, because on an emulating host each Linux guest needs a whole CPU and
+    two at once make both miss their timeouts."""
+    for item in items:
+        if item.get_closest_marker("linux"):
+            item.add_marker(pytest.mark.xdist_group("linux"))

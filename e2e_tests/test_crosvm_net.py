@@ -273,12 +273,13 @@ def test_tap_fd_that_is_not_a_tap_is_refused(netns: Netns, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_linux_guest_ping_and_tcp_download(netns: Netns, host_profile: HostProfile) -> None:
     """Linux's virtio_net (with checksum/TSO offloads and mergeable buffers) over our tap:
-    ping both ways, then a 4 MiB HTTP download over TCP from the namespace's host address,
-    checked by sha256 in the guest."""
+    ping both ways, then an HTTP download over TCP from the namespace's host address, checked
+    by sha256 in the guest: 64 MiB on hardware KVM, 1 MiB where the guest kernel is emulated
+    (its TCP stack moves ~0.1-0.2 MB/s there)."""
     from kit import GuestConsole, ensure_initramfs, ensure_tiny_kernel, kernel_cmdline
 
     guest_ip = "10.213.7.2"
-    blob = random.Random(7).randbytes(4 << 20)
+    blob = random.Random(7).randbytes((1 if host_profile.emulating else 64) << 20)
     workdir = Path(tempfile.mkdtemp(prefix="pycrosvm-net-"))
     (workdir / "blob").write_bytes(blob)
     args = ["run", "--disable-sandbox", "-m", "192", "-p", kernel_cmdline(),
@@ -312,10 +313,10 @@ def test_linux_guest_ping_and_tcp_download(netns: Netns, host_profile: HostProfi
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert ping.returncode == 0, ping.stdout + ping.stderr
-        r = console.run(f"wget -q -O - http://{HOST_IP}:8000/blob | sha256sum", t)
+        r = console.run(f"wget -q -O - http://{HOST_IP}:8000/blob | sha256sum", 4 * t)
         assert r.rc == 0 and r.lines, f"download failed: {r}\n{console.transcript[-3000:]}"
         assert r.lines[0].split()[0] == hashlib.sha256(blob).hexdigest()
-        print(f"4 MiB TCP download: {r.guest_seconds:.2f} s guest time")
+        print(f"{len(blob) >> 20} MiB TCP download: {r.guest_seconds:.2f} s guest time")
         features = ok("cat /sys/class/net/eth0/device/features")[0]
         # guest_csum(1), guest_tso4(7), mrg_rxbuf(15) were negotiated
         assert features[1] == features[7] == features[15] == "1", features
