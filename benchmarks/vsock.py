@@ -142,8 +142,10 @@ def main() -> None:
     ours = [crosvm_vsock(args.mib) for _ in range(args.runs)]
     peer = [socat_echo(args.mib) for _ in range(args.runs)]
     o, p = statistics.median(ours), statistics.median(peer)
-    print(f"vsock echo {args.mib} MiB   pycrosvm {o:8.1f} MB/s   (runs: "
-          f"{', '.join(f'{x:.1f}' for x in ours)})")
+    print(
+        f"vsock echo {args.mib} MiB   pycrosvm {o:8.1f} MB/s   (runs: "
+        f"{', '.join(f'{x:.1f}' for x in ours)})"
+    )
     print(f"host unix echo (socat)   {p:8.1f} MB/s   ratio pycrosvm/host = {o / p:.3f}")
     if args.device_only:
         dev = [device_only(args.mib) for _ in range(args.runs)]
