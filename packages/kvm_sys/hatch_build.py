@@ -9,6 +9,7 @@ compiled module through ``force_include``; an editable install gets it copied ne
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sysconfig
 import tempfile
@@ -35,7 +36,12 @@ class CffiBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         package, _, stem = module.MODULE_NAME.rpartition(".")
         relative = f"{package.replace('.', '/')}/{stem}{sysconfig.get_config_var('EXT_SUFFIX')}"
         if version == "editable":
-            shutil.copy2(built, root / "src" / relative)
+            # Never overwrite the module in place: processes that have it mapped would run
+            # changed code (and crash). A rename gives the new module a new inode instead.
+            dest = root / "src" / relative
+            staging = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+            shutil.copy2(built, staging)
+            os.replace(staging, dest)
         else:
             build_data["force_include"][str(built)] = relative
         build_data["pure_python"] = False
