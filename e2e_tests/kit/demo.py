@@ -78,7 +78,7 @@ def build_argv(args: argparse.Namespace) -> tuple[list[str], str]:
     if choice == "auto":
         choice = "tiny" if emulating_host() else "stock"
     cmdline = kernel_cmdline(mode="shell")
-    argv = [crosvm_binary(), "run", "--disable-sandbox", "-m", str(args.mem), "-c", str(args.cpus)]
+    argv = [crosvm_binary(), "run", "-m", str(args.mem), "-c", str(args.cpus)]
     if choice == "stock":
         stock = ensure_stock_kernel()
         kernel, what = stock.bzimage, f"Debian's stock {stock.version} kernel"
