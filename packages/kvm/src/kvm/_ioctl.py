@@ -6,9 +6,17 @@ import errno
 import os
 from typing import Any, NoReturn, Protocol
 
-from kvm_sys import lib
+from kvm_sys import ffi, lib
 
-__all__ = ["Fd", "fd_of", "ioctl_ptr", "ioctl_val", "raise_errno"]
+__all__ = [
+    "Fd",
+    "fd_of",
+    "get_struct_bytes",
+    "ioctl_ptr",
+    "ioctl_val",
+    "raise_errno",
+    "set_struct_bytes",
+]
 
 
 class _HasFileno(Protocol):
@@ -49,3 +57,22 @@ def ioctl_val(fd: int, request: int, value: int, what: str) -> int:
     if r < 0:
         raise_errno(-r, what)
     return r
+
+
+def get_struct_bytes(fd: int, request: int, ctype: str, what: str) -> bytes:
+    """An opaque state struct (XSAVE area, PIT state...) read by ``request``, as bytes."""
+    c = ffi.new(f"{ctype} *")
+    # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
+    ioctl_ptr(fd, request, c, what)
+    return bytes(ffi.buffer(c))
+
+
+def set_struct_bytes(fd: int, request: int, ctype: str, data: bytes, what: str) -> None:
+    """Write back state from :func:`get_struct_bytes`; it must be exactly the struct's size."""
+    size = ffi.sizeof(ctype)
+    if len(data) != size:
+        raise ValueError(f"{what} needs exactly {size} bytes, got {len(data)}")
+    c = ffi.new(f"{ctype} *")
+    ffi.memmove(c, bytes(data), size)
+    # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
+    ioctl_ptr(fd, request, c, what)

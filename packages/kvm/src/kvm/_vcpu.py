@@ -33,7 +33,7 @@ from kvm._exits import (
     Unknown,
     VcpuExit,
 )
-from kvm._ioctl import ioctl_ptr, ioctl_val, raise_errno
+from kvm._ioctl import get_struct_bytes, ioctl_ptr, ioctl_val, raise_errno, set_struct_bytes
 from kvm._state import (
     CpuIdEntry,
     Debugregs,
@@ -434,19 +434,12 @@ class Vcpu:
 
     def get_xsave(self) -> bytes:
         """The 4 KiB XSAVE area (opaque: its layout follows the host's CPUID leaf 0xD)."""
-        c = ffi.new("struct kvm_xsave *")
-        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
-        ioctl_ptr(self._fd, kvm_sys.KVM_GET_XSAVE, c, "KVM_GET_XSAVE")
-        return bytes(ffi.buffer(c))
+        return get_struct_bytes(
+            self._fd, kvm_sys.KVM_GET_XSAVE, "struct kvm_xsave", "KVM_GET_XSAVE"
+        )
 
     def set_xsave(self, data: bytes) -> None:
-        size = ffi.sizeof("struct kvm_xsave")
-        if len(data) != size:
-            raise ValueError(f"XSAVE area must be {size} bytes, got {len(data)}")
-        c = ffi.new("struct kvm_xsave *")
-        ffi.memmove(c, bytes(data), size)
-        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
-        ioctl_ptr(self._fd, kvm_sys.KVM_SET_XSAVE, c, "KVM_SET_XSAVE")
+        set_struct_bytes(self._fd, kvm_sys.KVM_SET_XSAVE, "struct kvm_xsave", data, "KVM_SET_XSAVE")
 
     def get_xcrs(self) -> Xcrs:
         c = ffi.new("struct kvm_xcrs *")

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import kvm_sys
-from kvm._ioctl import Fd, fd_of, ioctl_ptr, ioctl_val
+from kvm._ioctl import Fd, fd_of, get_struct_bytes, ioctl_ptr, ioctl_val, set_struct_bytes
 from kvm._state import ClockData
 from kvm._vcpu import Vcpu, _enable_cap
 from kvm_sys import ffi
+
+_PIT2 = "struct kvm_pit_state2"
 
 __all__ = [
     "IoEventAddress",
@@ -402,16 +404,7 @@ class Vm:
 
     def get_pit2(self) -> bytes:
         """``KVM_GET_PIT2``: the raw ``struct kvm_pit_state2`` (for :meth:`set_pit2`)."""
-        c = ffi.new("struct kvm_pit_state2 *")
-        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
-        ioctl_ptr(self._fd, kvm_sys.KVM_GET_PIT2, c, "KVM_GET_PIT2")
-        return bytes(ffi.buffer(c))
+        return get_struct_bytes(self._fd, kvm_sys.KVM_GET_PIT2, _PIT2, "KVM_GET_PIT2")
 
     def set_pit2(self, state: bytes) -> None:
-        size = ffi.sizeof("struct kvm_pit_state2")
-        if len(state) != size:
-            raise ValueError(f"PIT state must be {size} bytes, got {len(state)}")
-        c = ffi.new("struct kvm_pit_state2 *")
-        ffi.memmove(c, bytes(state), size)
-        # SAFETY: `c` is ffi.new'd at the size this ioctl expects and outlives the call.
-        ioctl_ptr(self._fd, kvm_sys.KVM_SET_PIT2, c, "KVM_SET_PIT2")
+        set_struct_bytes(self._fd, kvm_sys.KVM_SET_PIT2, _PIT2, state, "KVM_SET_PIT2")
