@@ -33,6 +33,7 @@ from kit import (
     ensure_tiny_kernel,
     kernel_cmdline,
     make_ext4,
+    stop_guest_process,
 )
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux, pytest.mark.slow]
@@ -102,16 +103,7 @@ class CrosvmLinux:
             pytest.fail(f"crosvm still running {timeout:g} s after reboot -f{self.context()}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.console.close()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                try:
-                    f.close()
-                except BrokenPipeError:
-                    pass
+        stop_guest_process(self.proc, self.console)
         self.console_log.close()
 
     def __enter__(self) -> CrosvmLinux:

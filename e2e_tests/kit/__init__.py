@@ -25,7 +25,7 @@ from ._build import (
 )
 from ._cache import cache_dir
 from .bzimage import BzImageError, extract_vmlinux
-from .console import CommandResult, ConsoleTimeout, GuestConsole
+from .console import CommandResult, ConsoleTimeout, GuestConsole, stop_guest_process
 from .params import BASE_CMDLINE, CLEARCPUID, EMULATING_HOST_CMDLINE, kernel_cmdline
 from .qemu import QemuGuest, boot_qemu, qemu_command
 
@@ -52,4 +52,5 @@ __all__ = [
     "kernel_cmdline",
     "make_ext4",
     "qemu_command",
+    "stop_guest_process",
 ]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from typing import IO
 
-__all__ = ["CommandResult", "ConsoleTimeout", "GuestConsole"]
+__all__ = ["CommandResult", "ConsoleTimeout", "GuestConsole", "stop_guest_process"]
 
 
 class ConsoleTimeout(TimeoutError):
@@ -151,3 +152,17 @@ class GuestConsole:
     def close(self) -> None:
         """Stop reading (the reader ends at EOF of ``rx``; the caller owns the fds)."""
         self._thread.join(timeout=5)
+
+
+def stop_guest_process(proc: subprocess.Popen[bytes], console: GuestConsole) -> None:
+    """Kill a VMM whose console ``console`` reads (if it still runs), then close both ends."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    console.close()
+    for f in (proc.stdin, proc.stdout):
+        if f is not None:
+            try:
+                f.close()
+            except BrokenPipeError:
+                pass

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from .console import GuestConsole
+from .console import GuestConsole, stop_guest_process
 from .params import EMULATING_HOST_CMDLINE
 
 __all__ = ["QEMU_CPU", "QemuGuest", "boot_qemu", "qemu_command"]
@@ -83,16 +83,7 @@ class QemuGuest:
         return self.proc.wait(timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.console.close()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                try:
-                    f.close()
-                except BrokenPipeError:
-                    pass
+        stop_guest_process(self.proc, self.console)
 
     def __enter__(self) -> QemuGuest:
         return self
