@@ -128,6 +128,7 @@ static const struct scenario scenarios[] = {
     {"net-bench", sc_net_bench},
     {"balloon", sc_balloon},
     {"vsock-echo", sc_vsock_echo},
+    {"vsock-connect", sc_vsock_connect},
     {"hostile", sc_hostile},
     {"irq", sc_irq},
     {"smp", sc_smp},

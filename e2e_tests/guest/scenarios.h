@@ -22,6 +22,7 @@ void sc_net_echo(void);
 void sc_net_bench(void);
 void sc_balloon(void);
 void sc_vsock_echo(void);
+void sc_vsock_connect(void);
 void sc_hostile(void);
 void sc_irq(void);
 void sc_smp(void);
