@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import arch
 import devices
 import io_jail
-from arch.x86_64 import PlaceablePciDevice, RunnableVm, VmConfig, VmContext, build_vm
+from arch.x86_64 import PlaceablePciDevice, VmConfig, VmContext, build_vm
 from crosvm import control
 from crosvm.config import Config
 from crosvm.device_setup import create_virtio_devices
@@ -32,7 +33,7 @@ from crosvm.runloop import (
     start_vcpu_threads,
 )
 from devices.errors import SerialConfigError
-from devices.proxy import Sandbox
+from devices.proxy import BalloonState, BindMount, Sandbox, balloon_adjust, balloon_state
 from devices.serial import (
     ComPort,
     SerialHardware,
@@ -42,6 +43,8 @@ from devices.serial import (
 )
 from devices.virtio import Block, Console, Rng, VirtioDevice, VirtioError, VirtioPciDevice
 from devices.virtio.balloon import BALLOON_PAGE_SIZE, Balloon, BalloonStat
+from devices.virtio.net import Net
+from devices.virtio.vsock import Vsock
 from sys_util import RawTerminal
 
 log = logging.getLogger("crosvm")
@@ -89,15 +92,55 @@ def _kernel_cmdline(config: Config, serial: list[SerialParameters]) -> str:
 
 
 #: The seccomp policy each sandboxable device runs under (devices/seccomp/<arch>/<name>.policy).
-#: Devices not listed run in the main process (the balloon is driven from the control loop).
+#: Every virtio device crosvm creates is listed: with the sandbox on, none runs in the main
+#: process.
 SANDBOX_POLICIES: dict[type[VirtioDevice], str] = {
     Block: "block_device",
     Rng: "rng_device",
     Console: "console_device",
+    Balloon: "balloon_device",
+    Net: "net_device",
+    Vsock: "vsock_device",
 }
 
 #: Resizes disk N (in command-line order), wherever its device runs.
 DiskResizer = Callable[[int], None]
+
+
+class BalloonHandle(Protocol):
+    """The balloon, wherever it runs (``devices.proxy.ProxyDevice`` or :class:`LocalBalloon`)."""
+
+    def balloon_adjust(self, num_bytes: int) -> None: ...
+
+    def balloon_stats(self, timeout: float) -> BalloonState: ...
+
+
+class LocalBalloon:
+    """:class:`BalloonHandle` for a balloon in this process (``--disable-sandbox``)."""
+
+    def __init__(self, balloon: Balloon) -> None:
+        self.balloon = balloon
+
+    def balloon_adjust(self, num_bytes: int) -> None:
+        balloon_adjust(self.balloon, num_bytes)
+
+    def balloon_stats(self, timeout: float) -> BalloonState:
+        return balloon_state(self.balloon, timeout)
+
+
+def jail_bind_mounts(device: VirtioDevice) -> list[BindMount]:
+    """Host paths ``device`` needs inside its jail (at the same place).
+
+    virtio-vsock connects guest-initiated streams to ``<uds_path>_<port>`` on the host: its
+    directory is bound writable (connecting to a Unix socket needs write permission on it).
+    Every other device works on fds it was given and sees an empty root.
+    """
+    if isinstance(device, Vsock):
+        # The same path inside as outside (the device names ``<uds_path>_P``); the jail's
+        # working directory is its root, hence an absolute path.
+        directory = os.path.dirname(os.path.abspath(device.uds_path))
+        return [(directory, directory, True)]
+    return []
 
 
 def _pci_factories(
@@ -106,11 +149,13 @@ def _pci_factories(
     stack: contextlib.ExitStack,
     sandbox: Sandbox | None,
     disk_resizers: list[DiskResizer],
+    balloons: list[BalloonHandle],
 ) -> list[PciFactory]:
     """Open every device's resources now (before KVM) and wrap each in the virtio-pci transport,
     jailed in its own process when the sandbox is on and the device has a policy.
 
-    ``disk_resizers`` is filled, in disk order, as ``build_vm`` runs the factories.
+    ``disk_resizers`` is filled, in disk order, and ``balloons`` with the balloon's handle, as
+    ``build_vm`` runs the factories.
     """
 
     def factory_for(device: VirtioDevice) -> PciFactory:
@@ -119,20 +164,23 @@ def _pci_factories(
 
         policy = SANDBOX_POLICIES.get(type(device)) if sandbox is not None else None
         if sandbox is None or policy is None:
-            if isinstance(device, Block):
 
-                def plain(ctx: VmContext) -> PlaceablePciDevice:
+            def plain(ctx: VmContext) -> PlaceablePciDevice:
+                if isinstance(device, Block):
                     disk_resizers.append(device.resize)
-                    return in_process(ctx)
+                elif isinstance(device, Balloon):
+                    balloons.append(LocalBalloon(device))
+                return in_process(ctx)
 
-                return plain
-            return in_process
-        jailed = sandbox.sandboxed(in_process, policy)
+            return plain
+        jailed = sandbox.sandboxed(in_process, policy, bind_mounts=jail_bind_mounts(device))
 
         def proxied(ctx: VmContext) -> PlaceablePciDevice:
             proxy = jailed(ctx)
             if isinstance(device, Block):
                 disk_resizers.append(proxy.resize_disk)
+            elif isinstance(device, Balloon):
+                balloons.append(proxy)
             return proxy
 
         return proxied
@@ -144,11 +192,14 @@ class _Controller:
     """Answers control-socket requests for one running VM."""
 
     def __init__(
-        self, state: RunState, vm: RunnableVm, disk_resizers: Sequence[DiskResizer] = ()
+        self,
+        state: RunState,
+        disk_resizers: Sequence[DiskResizer] = (),
+        balloons: Sequence[BalloonHandle] = (),
     ) -> None:
         self.state = state
-        self.vm = vm
         self.disk_resizers = disk_resizers
+        self.balloons = balloons
 
     def handle(self, request: control.VmRequest) -> control.VmResponse:
         if isinstance(request, control.Exit):
@@ -166,31 +217,28 @@ class _Controller:
         return control.Ok()
 
     def _balloon(self, request: control.BalloonCommand) -> control.VmResponse:
-        found = [
-            d.device
-            for _, d in self.vm.pci_devices
-            if isinstance(d, VirtioPciDevice) and isinstance(d.device, Balloon)
-        ]
-        if not found:  # --no-balloon
+        if not self.balloons:  # --no-balloon
             return control.Err(errno.ENODEV)
-        balloon = found[0]
+        balloon = self.balloons[0]
         command = request.command
-        if isinstance(command, control.Adjust):
-            balloon.set_target_bytes(command.num_bytes)
-            return control.Ok()
-        if not isinstance(command, control.Stats):
-            return control.Err(errno.EINVAL)
-        # Answered on the main thread: the wait is bounded so the main loop stalls at most
-        # BALLOON_STATS_TIMEOUT (below the client's own timeout).
-        stats: dict[int, int] = {}
-        if balloon.stats_enabled:
-            got = balloon.request_stats(BALLOON_STATS_TIMEOUT)
-            if got is None:
-                return control.Err(errno.ETIMEDOUT)
-            stats = got
+        try:
+            if isinstance(command, control.Adjust):
+                balloon.balloon_adjust(command.num_bytes)
+                return control.Ok()
+            if not isinstance(command, control.Stats):
+                return control.Err(errno.EINVAL)
+            # Answered on the main thread: the wait is bounded so the main loop stalls at most
+            # BALLOON_STATS_TIMEOUT (plus a second for a jailed device; below the client's own
+            # timeout).
+            state = balloon.balloon_stats(BALLOON_STATS_TIMEOUT)
+        except OSError as err:
+            if err.errno != errno.ETIMEDOUT:
+                log.warning("balloon request failed: %s", err)
+            return control.Err(err.errno or errno.EIO)
         # A driver without the stats queue still reports the balloon's size.
+        stats = state.stats or {}
         return control.BalloonStats(
-            balloon_actual=balloon.actual * BALLOON_PAGE_SIZE,
+            balloon_actual=state.actual_pages * BALLOON_PAGE_SIZE,
             **{name: stats.get(tag) for name, tag in _BALLOON_STAT_FIELDS.items()},
         )
 
@@ -229,7 +277,8 @@ def run_config(config: Config) -> int:
                 raise ConfigError(f"crosvm run: sandbox: {err}") from None
             stack.callback(sandbox.close)
         disk_resizers: list[DiskResizer] = []
-        pci = _pci_factories(config, serial, stack, sandbox, disk_resizers)
+        balloons: list[BalloonHandle] = []
+        pci = _pci_factories(config, serial, stack, sandbox, disk_resizers, balloons)
         vm_config = VmConfig(
             memory_size=config.mem_mib << 20,
             kernel=config.kernel,
@@ -262,7 +311,7 @@ def run_config(config: Config) -> int:
             stack.callback(service.stop)  # before sandbox.close (LIFO)
         if config.socket_path is not None:
             server = control.ControlServer(
-                config.socket_path, _Controller(state, vm, disk_resizers)
+                config.socket_path, _Controller(state, disk_resizers, balloons)
             )
             stack.callback(server.close)
             sources.append((server.fileno(), server.on_readable))

@@ -14,7 +14,11 @@ What crosses which socket, split by privilege:
 * the *IRQ socket* (device -> main): :class:`~devices.irq.IrqRouter` requests
   (``allocate_gsi``, ``set_msi_route``, ``register_irqfd`` with the eventfd as SCM_RIGHTS, ...),
   served by an :class:`IrqRouterServer` in the main loop. A device may only touch the GSIs it
-  was given: it can route its own MSI-X vectors, never map memory or touch another device.
+  was given: it can route its own MSI-X vectors, never map memory or touch another device;
+* the *control socket* (main -> device, only for devices that take VMM control requests: the
+  balloon): :class:`DeviceRequest` (``AdjustBalloon``, ``GetBalloonStats``), served by a thread
+  of the device process, so a request that waits on the guest (statistics, up to seconds) never
+  holds the bus socket a vCPU needs.
 
 The data path never crosses a socket: virtqueues live in the shared memfd guest memory,
 notifications arrive on ioeventfds and interrupts leave by irqfds, all inherited by the fork.
@@ -42,22 +46,24 @@ import signal
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar, runtime_checkable
 
 from devices.irq import FileDescriptorLike, IoEvent, IrqRouter
 from devices.pci import BarAllocator, PciBar
 from io_jail import JailExit, Minijail, SeccompReport, decode_wait_status
 from msg_socket import (
+    Array,
     Disconnected,
     EncodeError,
     FixedBytes,
     MsgError,
     MsgSocket,
     TaggedUnion,
+    u16,
     u32,
     u64,
 )
@@ -65,10 +71,14 @@ from sys_util import EventFd, GuestMemory, logging_fds
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "BalloonControl",
+    "BalloonState",
     "ChildMonitor",
     "Command",
     "CommandResult",
     "DeviceDeath",
+    "DeviceRequest",
+    "DeviceResponse",
     "IrqRequest",
     "IrqResponse",
     "IrqRouterClient",
@@ -76,6 +86,8 @@ __all__ = [
     "ProxiedDevice",
     "ProxyDevice",
     "Sandbox",
+    "balloon_adjust",
+    "balloon_state",
     "policy_dir",
 ]
 
@@ -93,6 +105,9 @@ def policy_dir(arch: str = "x86_64") -> Path:
 
 
 _shipped_policies = policy_dir  # Sandbox's parameter of the same name shadows the function
+
+#: ``(host path, path inside the jail, writable)``.
+BindMount = tuple[str | os.PathLike[str], str | os.PathLike[str], bool]
 
 
 # -- wire format ---------------------------------------------------------------------------------
@@ -153,6 +168,44 @@ class ReadConfigResult(CommandResult):
 
 class Failed(CommandResult):
     errno: u32
+
+
+class DeviceRequest(TaggedUnion):
+    """Main process -> device process, on the control socket (VMM control requests)."""
+
+
+class AdjustBalloon(DeviceRequest):
+    num_bytes: u64
+
+
+class GetBalloonStats(DeviceRequest):
+    timeout_ms: u32
+
+
+#: Stats tags a :class:`BalloonReport` carries (virtio defines 0..9; others are dropped).
+BALLOON_STAT_SLOTS = 16
+
+
+class DeviceResponse(TaggedUnion):
+    """Device process -> main process, on the control socket."""
+
+
+class DeviceOk(DeviceResponse):
+    pass
+
+
+class DeviceFailed(DeviceResponse):
+    errno: u32
+
+
+class BalloonReport(DeviceResponse):
+    """``actual_pages`` from the driver; ``values[t]`` is stats tag ``t`` when bit ``t`` of
+    ``present`` is set; ``stats_enabled`` False: the driver has no stats queue."""
+
+    actual_pages: u32
+    stats_enabled: bool
+    present: u16
+    values: Annotated[tuple[u64, ...], Array(BALLOON_STAT_SLOTS)]
 
 
 class IrqRequest(TaggedUnion):
@@ -620,6 +673,10 @@ class ProxyDevice:
         self._intx_fds: list[int] = []
         self._lock = threading.Lock()
         self._sock: MsgSocket[Command, CommandResult] | None = None
+        # The control socket exists only for devices that take VMM control requests.
+        self._has_control = isinstance(getattr(device, "device", device), BalloonControl)
+        self._ctl_lock = threading.Lock()
+        self._ctl: MsgSocket[DeviceRequest, DeviceResponse] | None = None
         self._pid: int | None = None
         self._dead = False
         self._closed = False
@@ -683,16 +740,24 @@ class ProxyDevice:
         if self._closed:
             raise OSError(errno.EBADF, "ProxyDevice is closed")
         parent_end, child_end = _seqpacket_pair()
+        ctl_parent, ctl_child = _seqpacket_pair() if self._has_control else (None, None)
+        ends = [e for e in (parent_end, child_end, ctl_parent, ctl_child) if e is not None]
         gc.collect()  # nothing unreachable may be finalised (closing fds) inside the child
         try:
-            pid = self._jail.fork(keep_fds=[*self.keep_fds(), child_end.fileno()])
+            kept = [*self.keep_fds(), child_end.fileno()]
+            if ctl_child is not None:
+                kept.append(ctl_child.fileno())
+            pid = self._jail.fork(keep_fds=kept)
         except BaseException:
-            parent_end.close()
-            child_end.close()
+            for end in ends:
+                end.close()
             raise
         if pid == 0:  # pragma: no cover - the device process; exercised by the proxy tests
-            self._child_main(child_end)
+            self._child_main(child_end, ctl_child)
         child_end.close()
+        if ctl_child is not None and ctl_parent is not None:
+            ctl_child.close()
+            self._ctl = MsgSocket(ctl_parent, DeviceRequest, DeviceResponse)
         self._pid = pid
         self._sock = MsgSocket(
             parent_end,
@@ -707,13 +772,25 @@ class ProxyDevice:
             self._monitor.add(pid, self._label, self._jail.take_report(pid))
         return pid
 
-    def _child_main(self, child_end: socket.socket) -> None:  # pragma: no cover - in the child
+    def _child_main(
+        self, child_end: socket.socket, ctl_end: socket.socket | None
+    ) -> None:  # pragma: no cover - in the child
         code = 1
         try:
             gc.freeze()  # objects inherited from the parent are never finalised here
             if self._irq_client is not None:
                 self._irq_client.go_remote()
             sock: MsgSocket[CommandResult, Command] = MsgSocket(child_end, CommandResult, Command)
+            if ctl_end is not None:
+                ctl: MsgSocket[DeviceResponse, DeviceRequest] = MsgSocket(
+                    ctl_end, DeviceResponse, DeviceRequest
+                )
+                threading.Thread(
+                    target=_serve_control,
+                    args=(self._device, ctl, self._label),
+                    name=f"{self._label}-control",
+                    daemon=True,
+                ).start()
             code = _serve(self._device, sock, self._label, self._irq_client)
         except BaseException:
             logger.exception("device %s: device process failed", self._label)
@@ -796,6 +873,63 @@ class ProxyDevice:
         if not isinstance(reply, Ok):
             raise OSError(errno.EIO, f"device {self._label} did not answer the resize")
 
+    # -- VMM control requests (the control socket) -----------------------------------------------
+
+    def _control(self, request: DeviceRequest, wait: float) -> DeviceResponse:
+        """Send one control request and wait ``wait`` s (plus a margin) for the answer.
+
+        A device that does not answer in time loses its control socket (a late answer would
+        be taken for the next request's); its bus keeps working.
+        """
+        with self._ctl_lock:
+            ctl = self._ctl
+            if ctl is None or self._dead or self._closed:
+                raise OSError(errno.EIO, f"device {self._label} takes no control requests now")
+            try:
+                ctl.send(request, timeout=self._timeout)
+                reply = ctl.recv(timeout=wait + min(self._timeout, 1.0))
+            except (MsgError, OSError) as err:
+                self._ctl = None
+                ctl.close()
+                logger.error("device %s: control request failed (%s)", self._label, err)
+                raise OSError(errno.EIO, f"device {self._label} did not answer") from None
+        if isinstance(reply, DeviceFailed):
+            raise OSError(reply.errno, f"{os.strerror(reply.errno)} (from {self._label})")
+        return reply
+
+    def balloon_adjust(self, num_bytes: int) -> None:
+        """Set the balloon target (``crosvm balloon SIZE``), wherever the device runs.
+
+        Raises ``OSError``: ``ENOTTY`` if the device is not a balloon, ``EIO`` if its process
+        does not answer.
+        """
+        if not 0 <= num_bytes < 1 << 64:
+            raise OSError(errno.EINVAL, f"invalid balloon size {num_bytes}")
+        if not self.started:
+            balloon_adjust(self._device, num_bytes)
+            return
+        if not self._has_control:
+            raise OSError(errno.ENOTTY, f"{self._label} is not a balloon")
+        reply = self._control(AdjustBalloon(num_bytes), 0.0)
+        if not isinstance(reply, DeviceOk):
+            raise OSError(errno.EPROTO, f"unexpected reply {reply!r} from {self._label}")
+
+    def balloon_stats(self, timeout: float) -> BalloonState:
+        """The balloon's size and fresh guest statistics (``crosvm balloon_stats``).
+
+        Waits at most ``timeout`` s for the guest (plus at most a second for the device
+        process); ``OSError(ETIMEDOUT)`` if the driver did not answer.
+        """
+        if not self.started:
+            return balloon_state(self._device, timeout)
+        if not self._has_control:
+            raise OSError(errno.ENOTTY, f"{self._label} is not a balloon")
+        ms = max(0, min(int(timeout * 1000), 0xFFFF_FFFF))
+        reply = self._control(GetBalloonStats(ms), timeout)
+        if not isinstance(reply, BalloonReport):
+            raise OSError(errno.EPROTO, f"unexpected reply {reply!r} from {self._label}")
+        return _decode_balloon(reply)
+
     # -- teardown ------------------------------------------------------------------------------
 
     @property
@@ -814,6 +948,10 @@ class ProxyDevice:
             self._call(Shutdown())
             self._closed = True
             self._sock.close()
+            with self._ctl_lock:
+                if self._ctl is not None:
+                    self._ctl.close()
+                    self._ctl = None
             self._reap(pid)
         self._closed = True
         if self._irq_client is not None:
@@ -870,6 +1008,108 @@ def _resize_in_process(device: object, new_size: int) -> None:
     if not callable(resize):
         raise OSError(errno.ENOTTY, f"{getattr(device, 'debug_label', lambda: '?')()} has no disk")
     resize(new_size)
+
+
+@runtime_checkable
+class BalloonControl(Protocol):
+    """What the VMM's balloon commands need of a device (``devices.virtio.balloon.Balloon``)."""
+
+    @property
+    def actual(self) -> int: ...
+
+    @property
+    def stats_enabled(self) -> bool: ...
+
+    def set_target_bytes(self, num_bytes: int) -> None: ...
+
+    def request_stats(self, timeout: float) -> dict[int, int] | None: ...
+
+
+@dataclass(frozen=True)
+class BalloonState:
+    """A balloon's answer to ``balloon_stats``: the pages the driver holds, and the guest's
+    statistics ``{tag: value}`` (``None``: its driver does not use the stats queue)."""
+
+    actual_pages: int
+    stats: dict[int, int] | None
+
+
+def _balloon_of(device: object) -> BalloonControl:
+    inner = getattr(device, "device", device)
+    if not isinstance(inner, BalloonControl):
+        raise OSError(errno.ENOTTY, "the device is not a balloon")
+    return inner
+
+
+def balloon_adjust(device: object, num_bytes: int) -> None:
+    """Set the balloon target of ``device`` (a balloon or its PCI transport), in this process."""
+    if not 0 <= num_bytes < 1 << 64:
+        raise OSError(errno.EINVAL, f"invalid balloon size {num_bytes}")
+    _balloon_of(device).set_target_bytes(num_bytes)
+
+
+def balloon_state(device: object, timeout: float) -> BalloonState:
+    """Ask the guest for fresh statistics (when its driver uses the stats queue), in this
+    process. ``OSError(ETIMEDOUT)`` if the driver did not answer within ``timeout`` s."""
+    balloon = _balloon_of(device)
+    stats: dict[int, int] | None = None
+    if balloon.stats_enabled:
+        stats = balloon.request_stats(timeout)
+        if stats is None:
+            raise OSError(errno.ETIMEDOUT, "the guest did not answer the statistics request")
+    return BalloonState(balloon.actual, stats)
+
+
+def _encode_balloon(state: BalloonState) -> BalloonReport:
+    values = [0] * BALLOON_STAT_SLOTS
+    present = 0
+    for tag, value in (state.stats or {}).items():
+        if 0 <= tag < BALLOON_STAT_SLOTS:  # guest-chosen tags: unknown ones are dropped
+            values[tag] = value & 0xFFFF_FFFF_FFFF_FFFF
+            present |= 1 << tag
+    return BalloonReport(
+        state.actual_pages & 0xFFFF_FFFF, state.stats is not None, present, tuple(values)
+    )
+
+
+def _decode_balloon(report: BalloonReport) -> BalloonState:
+    stats = None
+    if report.stats_enabled:
+        stats = {t: report.values[t] for t in range(BALLOON_STAT_SLOTS) if report.present >> t & 1}
+    return BalloonState(report.actual_pages, stats)
+
+
+def _serve_control(
+    device: ProxiedDevice, sock: MsgSocket[DeviceResponse, DeviceRequest], label: str
+) -> None:  # pragma: no cover - a thread of the device process
+    """The device process's control thread: one request in, one response out, until hang-up."""
+    while True:
+        try:
+            request = sock.recv()
+        except Disconnected:
+            return
+        except MsgError as err:
+            logger.error("device %s: bad control request: %s", label, err)
+            return
+        reply: DeviceResponse
+        try:
+            match request:
+                case AdjustBalloon(num_bytes=n):
+                    balloon_adjust(device, n)
+                    reply = DeviceOk()
+                case GetBalloonStats(timeout_ms=ms):
+                    reply = _encode_balloon(balloon_state(device, ms / 1000))
+                case _:
+                    reply = DeviceFailed(errno.EINVAL)
+        except OSError as err:
+            reply = DeviceFailed(err.errno or errno.EIO)
+        except Exception as err:  # a bad value: that request fails, the device lives on
+            logger.warning("device %s: control request %r failed: %s", label, request, err)
+            reply = DeviceFailed(errno.EINVAL)
+        try:
+            sock.send(reply)
+        except MsgError:
+            return
 
 
 def _serve(
@@ -965,8 +1205,9 @@ class Sandbox:
         self.servers: list[IrqRouterServer] = []
         self._closed = False
 
-    def jail(self, policy: str | None) -> Minijail:
-        """crosvm's ``create_base_minijail`` plus the device's policy (``<name>.policy``)."""
+    def jail(self, policy: str | None, bind_mounts: Sequence[BindMount] = ()) -> Minijail:
+        """crosvm's ``create_base_minijail`` plus the device's policy (``<name>.policy``) and
+        its bind mounts ``(host path, path in the jail, writable)``."""
         jail = (
             Minijail()
             .namespace_user()
@@ -979,6 +1220,8 @@ class Sandbox:
             .no_new_privs()
             .run_as_init()
         )
+        for src, dst, writable in bind_mounts:
+            jail.bind_mount(src, dst, writable)
         if self.seccomp and policy is not None:
             jail.parse_seccomp_filters(self.policy_dir / f"{policy}.policy")
             if self.log_failures:
@@ -986,15 +1229,21 @@ class Sandbox:
         return jail
 
     def sandboxed(
-        self, factory: Callable[[C], Any], policy: str | None
+        self,
+        factory: Callable[[C], Any],
+        policy: str | None,
+        *,
+        bind_mounts: Sequence[BindMount] = (),
     ) -> Callable[[C], ProxyDevice]:
         """Wrap a PCI device factory (``ctx -> device``): the device it builds will run in a
-        jail with ``policy`` (e.g. ``"block_device"``; ``None``: no seccomp filter).
+        jail with ``policy`` (e.g. ``"block_device"``; ``None``: no seccomp filter), seeing
+        only the host paths of ``bind_mounts`` (``(src, dst, writable)``, e.g. the directory of
+        virtio-vsock's Unix sockets).
 
         ``ctx`` must have ``memory`` and ``irq_router`` attributes (arch's ``VmContext``); the
         factory sees a copy whose ``irq_router`` forwards to the main process after the fork.
         """
-        jail = self.jail(policy)  # parse the policy now: a bad policy fails before the VM
+        jail = self.jail(policy, bind_mounts)  # a bad policy fails now, before the VM
 
         def build(ctx: C) -> ProxyDevice:
             router: IrqRouter = ctx.irq_router  # type: ignore[attr-defined]

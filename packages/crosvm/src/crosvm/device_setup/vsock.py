@@ -14,6 +14,7 @@ host and needs no privileges.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from crosvm.config import Config
@@ -37,7 +38,8 @@ def create(
         if config.vsock_uds is not None:
             raise VmError("--vsock-uds needs --cid")
         return []
-    path = uds_path(config)
+    # Absolute: a sandboxed device resolves ``<path>_P`` from its jail's root, not our cwd.
+    path = Path(os.path.abspath(uds_path(config)))
     try:
         device = Vsock(config.cid, path)
     except VsockError as err:
