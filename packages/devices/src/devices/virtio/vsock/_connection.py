@@ -48,6 +48,7 @@ class Connection:
         "fwd_cnt",
         "guest_shut",
         "host_eof",
+        "host_pending",
         "host_wr_shut",
         "interest",
         "last_fwd_sent",
@@ -95,6 +96,8 @@ class Connection:
         self.guest_shut = 0  # ShutdownFlags the guest sent
         self.host_eof = False  # the host will send no more (we told the guest SEND)
         self.host_wr_shut = False  # we shut the host socket's write side
+        #: the host socket may hold data we stopped reading for lack of rx buffers or credit
+        self.host_pending = False
         self.credit_update_queued = False
         self.interest = 0
         self.registered = False

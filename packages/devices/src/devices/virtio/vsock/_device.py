@@ -39,6 +39,7 @@ from devices.virtio._queue import DescriptorChain, Queue
 from devices.virtio.vsock._connection import Connection, ConnState, HandshakeSocket
 from devices.virtio.vsock._packet import (
     HDR_SIZE,
+    HDR_STRUCT,
     HOST_CID,
     TYPE_STREAM,
     VIRTIO_ID_VSOCK,
@@ -47,7 +48,6 @@ from devices.virtio.vsock._packet import (
     Op,
     ShutdownFlags,
     pack_header,
-    unpack_header,
 )
 from sys_util import AsRawFd, EventFd, PollContext, PollEvents, TimerFd
 
@@ -75,14 +75,29 @@ MAX_PACKET_PAYLOAD = 64 * 1024
 FIRST_LOCAL_PORT = 1 << 30
 #: Control packets waiting for rx buffers before we stop reading the tx queue (back-pressure).
 MAX_PENDING_CONTROL = 1024
-#: Most packets sent to the guest per socket per wake-up (fairness between connections).
-PACKETS_PER_WAKEUP = 16
+#: Most bytes moved from one host socket to the guest per wake-up (fairness between sockets).
+PUMP_BUDGET = 1 << 20
+#: Most rx buffers filled by one read (the socket is read straight into all their payloads).
+RX_BATCH = 64
+#: Most iovecs / bytes of guest data gathered for one sendmsg to a host socket.
+TX_BATCH_IOVECS = 512
+TX_BATCH_BYTES = 1 << 20
 _U32 = 0xFFFF_FFFF
 _CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})\r?")
 _HANDSHAKE_MAX = 64
 _IN = int(PollEvents.READABLE)
 _OUT = int(PollEvents.WRITABLE)
 _CONFIG = struct.Struct("<Q")
+# Plain ints for the per-packet path (enum attribute lookups and IntFlag arithmetic are slow).
+_OP_REQUEST, _OP_RESPONSE, _OP_RST, _OP_SHUTDOWN = 1, 2, 3, 4
+_OP_RW, _OP_CREDIT_UPDATE, _OP_CREDIT_REQUEST = 5, 6, 7
+_SHUT_RCV, _SHUT_SEND, _SHUT_BOTH = 1, 2, 3
+_HDR_PACK_INTO = HDR_STRUCT.pack_into
+_HDR_UNPACK_FROM = HDR_STRUCT.unpack_from
+_ESTABLISHED = ConnState.ESTABLISHED
+_MSG_NOSIGNAL = socket.MSG_NOSIGNAL
+#: (fields, payload iovecs) of a guest packet; iovecs None when ``len`` does not fit the chain.
+_Parsed = tuple[tuple[int, ...], list[memoryview] | None]
 
 
 class VsockError(VirtioError):
@@ -170,6 +185,15 @@ class Vsock(ThreadedVirtioDevice):
         self._tx_blocked = False
         self._rx_dirty = False
         self._tx_dirty = False
+        #: rx chains popped but not used yet (a batch read shorter than the buffers it had)
+        self._rx_spare: collections.deque[DescriptorChain] = collections.deque()
+        #: connections whose host socket should be read once the current tx drain is done
+        self._pump_soon: dict[Connection, None] = {}
+        # guest RW payloads of one connection gathered for one sendmsg (see _process_tx)
+        self._txb_conn: Connection | None = None
+        self._txb_views: list[memoryview] = []
+        self._txb_heads: list[int] = []
+        self._txb_len = 0
         #: counters for tests and debugging (read from any thread; only the worker writes)
         self.stats: collections.Counter[str] = collections.Counter()
         super().__init__()
@@ -211,6 +235,9 @@ class Vsock(ThreadedVirtioDevice):
         self._timer_armed = False
         self._rx_starved = False
         self._tx_blocked = False
+        self._rx_spare.clear()
+        self._pump_soon.clear()
+        self._txb_reset()
 
     def extra_poll_sources(self) -> list[tuple[int | AsRawFd, Callable[[], None]]]:
         assert self._inner is not None and self._timer is not None
@@ -230,6 +257,9 @@ class Vsock(ThreadedVirtioDevice):
         self._by_token.clear()
         self._conns.clear()
         self._ctrl.clear()
+        self._rx_spare.clear()  # the driver's reset took the buffers back
+        self._pump_soon.clear()
+        self._txb_reset()
         for res in (self._inner, self._timer):
             if res is not None:
                 res.close()
@@ -282,17 +312,33 @@ class Vsock(ThreadedVirtioDevice):
     def process_queue(self, index: int, queue: Queue) -> None:
         try:
             if index == RXQ:
-                if self._rx_starved:
-                    self._rx_starved = False
-                if self._flush_ctrl():
-                    self._refresh_all_interest()
+                was_starved = self._rx_starved
+                self._rx_starved = False
+                ctrl_done = self._flush_ctrl()
                 if self._tx_blocked:
                     self._process_tx()
+                if ctrl_done:
+                    # Fresh buffers: serve sockets known to hold data now rather than after
+                    # another trip through epoll.
+                    for conn in list(self._conns.values()):
+                        if conn.host_pending:
+                            self._pump_soon[conn] = None
+                    self._pump_pending()
+                    if was_starved:
+                        self._refresh_all_interest()
             elif index == TXQ:
                 self._process_tx()
+                self._pump_pending()
             # EVQ: the driver's event buffers stay posted; nothing to do on a kick.
         finally:
             self._signal()
+
+    def _pump_pending(self) -> None:
+        while self._pump_soon:
+            conn = next(iter(self._pump_soon))
+            del self._pump_soon[conn]
+            if conn.token in self._by_token and self._can_read_host(conn):
+                self._pump(conn)
 
     def _token(self) -> int:
         self._next_token += 1
@@ -301,6 +347,8 @@ class Vsock(ThreadedVirtioDevice):
     # -- rx queue: packets to the guest ----------------------------------------------------
 
     def _pop_rx(self) -> DescriptorChain | None:
+        if self._rx_spare:
+            return self._rx_spare.popleft()
         if self._rx_starved or not self.queues:
             return None
         queue = self.queues[RXQ]
@@ -350,6 +398,40 @@ class Vsock(ThreadedVirtioDevice):
             view[:] = data[pos : pos + len(view)]
             pos += len(view)
 
+    @staticmethod
+    def _rx_layout(chain: DescriptorChain) -> tuple[list[memoryview], list[memoryview], int]:
+        """Header iovecs, payload iovecs and payload room of an rx chain (already >= HDR_SIZE).
+
+        The usual chain is one buffer holding header and payload (Linux, the test guest): its
+        two views are sliced without building a Writer.
+        """
+        segs = chain.writable
+        if len(segs) == 1:
+            addr, length = segs[0]
+            views = chain.ram.views(addr, length)
+            if len(views) == 1:
+                buf = views[0]
+                return [buf[:HDR_SIZE]], [buf[HDR_SIZE:]], length - HDR_SIZE
+        writer = chain.writer()
+        hdr = writer.get_iovecs(HDR_SIZE)
+        room = writer.available_bytes()
+        return hdr, writer.get_iovecs(room), room
+
+    def _write_header(
+        self, hdr: list[memoryview], conn: Connection, op: int, flags: int, length: int
+    ) -> None:
+        """A packet header from ``conn`` straight into the guest's buffer (our credit too)."""
+        fwd = conn.fwd_cnt
+        conn.last_fwd_sent = fwd
+        fields = (
+            HOST_CID, self.guest_cid, conn.local_port, conn.peer_port, length, TYPE_STREAM, op,
+            flags, conn.buf_alloc, fwd,
+        )  # fmt: skip
+        if len(hdr) == 1 and len(hdr[0]) == HDR_SIZE:
+            _HDR_PACK_INTO(hdr[0], 0, *fields)
+        else:
+            self._put_header(hdr, HDR_STRUCT.pack(*fields))
+
     def _send_ctrl(
         self,
         conn: Connection | None,
@@ -377,27 +459,31 @@ class Vsock(ThreadedVirtioDevice):
             if chain is None:
                 return False
             conn, src_cid, src_port, dst_port, op, flags = ctrl.popleft()
-            if conn is not None and op == Op.CREDIT_UPDATE:
+            if conn is not None and op == _OP_CREDIT_UPDATE:
                 conn.credit_update_queued = False
-            writer = chain.writer()
-            views = writer.get_iovecs(HDR_SIZE)
+            hdr, _, _ = self._rx_layout(chain)
             data = self._header(conn, src_port, dst_port, op, flags, 0, src_cid)
-            self._put_header(views, data)
+            self._put_header(hdr, data)
             self.queues[RXQ].add_used(chain.head, HDR_SIZE)
             self._rx_dirty = True
         return True
 
     def _can_read_host(self, conn: Connection) -> bool:
         return (
-            conn.state is ConnState.ESTABLISHED
+            conn.state is _ESTABLISHED
             and not conn.host_eof
-            and not conn.guest_shut & ShutdownFlags.RCV
+            and not conn.guest_shut & _SHUT_RCV
             and not self._rx_starved
             and conn.peer_free() > 0
         )
 
     def _pump(self, conn: Connection) -> None:
-        """Move host socket data into guest rx buffers, as far as credit and buffers allow."""
+        """Move host socket data into guest rx buffers, as far as credit and buffers allow.
+
+        One ``recvmsg_into`` fills the payload room of up to :data:`RX_BATCH` rx buffers at
+        once, straight in guest memory; each buffer then gets its header and is published, and
+        the guest is interrupted once per wake-up (see :meth:`_signal`).
+        """
         if not self._flush_ctrl():
             return
         # Drain the guest's tx ring first: what sits there counts against the credit the guest
@@ -407,46 +493,82 @@ class Vsock(ThreadedVirtioDevice):
             if conn.token not in self._by_token:
                 return
         queue = self.queues[RXQ]
-        fd = conn.sock.fileno()
-        for _ in range(PACKETS_PER_WAKEUP):
-            if not self._can_read_host(conn):
+        sock = conn.sock
+        layout = self._rx_layout
+        budget = PUMP_BUDGET
+        conn.host_pending = True
+        while budget > 0 and self._can_read_host(conn):
+            credit = min(conn.peer_free(), budget)
+            batch: list[tuple[DescriptorChain, list[memoryview], int]] = []
+            iovecs: list[memoryview] = []
+            room = 0
+            while room < credit and len(batch) < RX_BATCH:
+                chain = self._pop_rx()
+                if chain is None:
+                    break
+                hdr, payload, avail = layout(chain)
+                take = min(avail, MAX_PACKET_PAYLOAD, credit - room)
+                if take <= 0:  # a header-only buffer: keep it for a control packet
+                    self._rx_spare.appendleft(chain)
+                    break
+                if take < avail:  # only part of the buffer: cut the iovecs to ``take``
+                    cut, left = [], take
+                    for view in payload:
+                        if len(view) >= left:
+                            cut.append(view[:left])
+                            break
+                        cut.append(view)
+                        left -= len(view)
+                    payload = cut
+                batch.append((chain, hdr, take))
+                iovecs += payload
+                room += take
+            if not batch:
                 break
-            chain = self._pop_rx()
-            if chain is None:
-                break
-            writer = chain.writer()
-            want = min(writer.available_bytes() - HDR_SIZE, conn.peer_free(), MAX_PACKET_PAYLOAD)
-            hdr_views = writer.get_iovecs(HDR_SIZE)
-            got = -1
-            if want > 0:
-                try:
-                    got = os.readv(fd, writer.get_iovecs(want))
-                except BlockingIOError:
-                    got = -1
-                except OSError as err:  # ECONNRESET and friends: the host end is gone
-                    logger.debug("vsock host socket read failed: %s", err)
-                    self._put_header(hdr_views, self._header(None, *conn.key, Op.RST))
+            try:
+                if len(iovecs) == 1:
+                    got = sock.recv_into(iovecs[0])
+                else:
+                    got = sock.recvmsg_into(iovecs)[0]
+            except BlockingIOError:
+                got = -1
+            except OSError as err:  # ECONNRESET and friends: the host end is gone
+                logger.debug("vsock host socket read failed: %s", err)
+                chain, hdr, _ = batch[0]
+                self._write_header(hdr, conn, _OP_RST, 0, 0)
+                queue.add_used(chain.head, HDR_SIZE)
+                self._rx_dirty = True
+                self.stats["sent_RST"] += 1
+                self._rx_spare.extendleft(c for c, _, _ in reversed(batch[1:]))
+                self._drop(conn)
+                return
+            if got <= 0:
+                if got == 0:  # EOF: the host will send no more
+                    conn.host_eof = True
+                    chain, hdr, _ = batch[0]
+                    self._write_header(hdr, conn, _OP_SHUTDOWN, _SHUT_SEND, 0)
                     queue.add_used(chain.head, HDR_SIZE)
                     self._rx_dirty = True
-                    self.stats["sent_RST"] += 1
-                    self._drop(conn)
-                    return
-            if got > 0:
-                hdr = self._header(conn, *conn.key, Op.RW, 0, got)
-                conn.tx_cnt = (conn.tx_cnt + got) & _U32
-                self.stats["rx_bytes"] += got
-            elif got == 0:  # EOF: the host will send no more
-                conn.host_eof = True
-                hdr = self._header(conn, *conn.key, Op.SHUTDOWN, ShutdownFlags.SEND)
-                self.stats["sent_SHUTDOWN"] += 1
-                got = 0
-            else:  # nothing to read after all (or a zero-room buffer): a harmless credit update
-                hdr = self._header(conn, *conn.key, Op.CREDIT_UPDATE)
-                got = 0
-            self._put_header(hdr_views, hdr)
-            queue.add_used(chain.head, HDR_SIZE + got)
+                    self.stats["sent_SHUTDOWN"] += 1
+                    batch = batch[1:]
+                self._rx_spare.extendleft(c for c, _, _ in reversed(batch))
+                conn.host_pending = False
+                break
+            left = got
+            for i, (chain, hdr, take) in enumerate(batch):
+                n = take if take < left else left
+                self._write_header(hdr, conn, _OP_RW, 0, n)
+                queue.add_used(chain.head, HDR_SIZE + n)
+                left -= n
+                if not left:
+                    self._rx_spare.extendleft(c for c, _, _ in reversed(batch[i + 1 :]))
+                    break
             self._rx_dirty = True
-            if got < want or conn.host_eof:
+            conn.tx_cnt = (conn.tx_cnt + got) & _U32
+            self.stats["rx_bytes"] += got
+            budget -= got
+            if got < room:  # the socket is drained for now
+                conn.host_pending = False
                 break
         if conn.host_eof:
             self._check_finished(conn)
@@ -456,24 +578,51 @@ class Vsock(ThreadedVirtioDevice):
     # -- tx queue: packets from the guest --------------------------------------------------
 
     def _process_tx(self) -> None:
+        """Serve the guest's packets; RW payloads of one connection go out in one sendmsg.
+
+        A run of data packets for the same connection is gathered (their chains stay unused,
+        so the guest memory behind the iovecs is still ours) and written with a single
+        ``sendmsg`` when the run ends: another connection, another op, the batch limits, or
+        the ring is empty. Everything else goes through :meth:`_handle_packet` in order.
+        """
         queue = self.queues[TXQ]
+        conns = self._conns
+        guest_cid = self.guest_cid
         while True:
             while True:
                 if len(self._ctrl) >= MAX_PENDING_CONTROL:
                     # The guest posts no rx buffers for our replies: stop reading its requests
                     # until it does (an rx kick resumes us).
+                    self._txb_flush()
                     self._tx_blocked = True
                     return
                 chain = queue.pop()
                 if chain is None:
                     break
                 try:
-                    self._handle_packet(chain)
+                    parsed = self._parse_tx(chain)
+                    if parsed is not None:
+                        fields, views = parsed
+                        if (
+                            fields[6] == _OP_RW
+                            and views is not None
+                            and fields[0] == guest_cid
+                            and fields[1] == HOST_CID
+                            and fields[5] == TYPE_STREAM
+                        ):
+                            conn = conns.get((fields[3], fields[2]))
+                            if conn is not None and self._txb_add(conn, fields, views, chain):
+                                continue
+                    self._txb_flush()
+                    if parsed is not None:
+                        self._handle_packet(*parsed)
                 except Exception as err:  # a bug must cost one packet, never the queue
+                    self._txb_reset()
                     self._bad("tx packet handling failed: %r", err)
                     logger.debug("vsock tx packet", exc_info=True)
                 queue.add_used(chain.head, 0)
                 self._tx_dirty = True
+            self._txb_flush()
             if not queue.enable_notification():
                 break
         self._tx_blocked = False
@@ -482,19 +631,120 @@ class Vsock(ThreadedVirtioDevice):
         self.stats["bad_packet"] += 1
         self.log.warn(what, *args)
 
-    def _handle_packet(self, chain: DescriptorChain) -> None:
+    def _parse_tx(self, chain: DescriptorChain) -> _Parsed | None:
+        """The header fields and payload iovecs of a tx chain (None: too short, dropped)."""
+        segs = chain.readable
+        if len(segs) == 1:
+            addr, length = segs[0]
+            if length >= HDR_SIZE:
+                views = chain.ram.views(addr, length)
+                if len(views) == 1:
+                    buf = views[0]
+                    fields = _HDR_UNPACK_FROM(buf)
+                    n = fields[4]
+                    if n > length - HDR_SIZE or n > MAX_PACKET_PAYLOAD:
+                        return fields, None
+                    return fields, [buf[HDR_SIZE : HDR_SIZE + n]] if n else []
         reader = chain.reader()
         if reader.available_bytes() < HDR_SIZE:
             self._bad("tx packet of %d bytes is shorter than a header", reader.available_bytes())
+            return None
+        fields = HDR_STRUCT.unpack(reader.read_exact(HDR_SIZE))
+        n = fields[4]
+        if n > reader.available_bytes() or n > MAX_PACKET_PAYLOAD:
+            return fields, None
+        return fields, reader.get_iovecs(n)
+
+    # -- batched guest data ----------------------------------------------------------------
+
+    def _txb_reset(self) -> None:
+        self._txb_conn = None
+        self._txb_views = []
+        self._txb_heads = []
+        self._txb_len = 0
+
+    def _txb_add(
+        self,
+        conn: Connection,
+        fields: tuple[int, ...],
+        views: list[memoryview],
+        chain: DescriptorChain,
+    ) -> bool:
+        """Gather a well-formed RW for ``conn``; False leaves the packet to the slow path."""
+        if conn.state is not _ESTABLISHED or conn.guest_shut & _SHUT_SEND:
+            return False
+        n = fields[4]
+        batched = self._txb_len if self._txb_conn is conn else 0
+        if n > conn.our_free() - batched:
+            return False  # a credit violation: the slow path resets the connection
+        if self._txb_conn is not conn or (
+            len(self._txb_views) >= TX_BATCH_IOVECS or self._txb_len >= TX_BATCH_BYTES
+        ):
+            self._txb_flush()
+            self._txb_conn = conn
+        conn.peer_buf_alloc = fields[8]
+        conn.peer_fwd_cnt = fields[9]
+        self._txb_views += views
+        self._txb_heads.append(chain.head)
+        self._txb_len += n
+        return True
+
+    def _txb_flush(self) -> None:
+        """Write the gathered payloads to the host, then give their chains back to the guest."""
+        conn = self._txb_conn
+        if conn is None:
             return
-        h = unpack_header(reader.read_exact(HDR_SIZE))
+        views, heads, n = self._txb_views, self._txb_heads, self._txb_len
+        self._txb_reset()
+        try:
+            if n:
+                self.stats["tx_bytes"] += n
+                self._send_to_host(conn, views, n)
+        finally:
+            queue = self.queues[TXQ]
+            for head in heads:
+                queue.add_used(head, 0)
+            self._tx_dirty = True
+        if conn.token in self._by_token:
+            if conn.host_pending:
+                self._pump_soon[conn] = None
+            self._update_interest(conn)
+
+    def _send_to_host(self, conn: Connection, views: list[memoryview], n: int) -> None:
+        """Write ``n`` guest bytes; what the socket does not take now waits in ``conn.out``."""
+        if conn.out or conn.prefix:
+            for view in views:
+                conn.out += view
+            self._flush_out(conn)
+            return
+        try:
+            sent = conn.sock.sendmsg(views, [], _MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as err:
+            logger.debug("vsock host socket write failed: %s", err)
+            self._drop(conn, rst=True)
+            return
+        conn.fwd_cnt = (conn.fwd_cnt + sent) & _U32
+        if sent < n:
+            skip = sent
+            for view in views:
+                if skip >= len(view):
+                    skip -= len(view)
+                    continue
+                conn.out += view[skip:]
+                skip = 0
+        self._maybe_credit_update(conn)
+
+    def _handle_packet(self, fields: tuple[int, ...], views: list[memoryview] | None) -> None:
+        h = Header._make(fields)
         if h.src_cid != self.guest_cid:
             self._bad("tx packet from CID %d, expected %d: dropped", h.src_cid, self.guest_cid)
             return
         key = (h.dst_port, h.src_port)
         conn = self._conns.get(key)
-        if h.len > reader.available_bytes() or h.len > MAX_PACKET_PAYLOAD:
-            self._bad("tx packet len %d but %d bytes follow", h.len, reader.available_bytes())
+        if views is None:
+            self._bad("tx packet len %d does not fit its buffer (or exceeds 64 KiB)", h.len)
             self._reset(conn, h)
             return
         if h.dst_cid != HOST_CID:
@@ -517,9 +767,10 @@ class Vsock(ThreadedVirtioDevice):
             return
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt)
         if op == Op.RW:
-            self._guest_data(conn, h, reader.get_iovecs(h.len))
+            self._guest_data(conn, h, views)
         elif op == Op.CREDIT_UPDATE:
-            pass  # credit was refreshed above
+            if conn.host_pending:
+                self._pump_soon[conn] = None
         elif op == Op.CREDIT_REQUEST:
             self._queue_credit_update(conn)
         elif op == Op.RESPONSE:
@@ -538,8 +789,8 @@ class Vsock(ThreadedVirtioDevice):
             if conn.state is ConnState.CONNECTING:
                 self._reset(conn, h)
                 return
-            conn.guest_shut |= h.flags & ShutdownFlags.BOTH
-            if conn.guest_shut == ShutdownFlags.BOTH:
+            conn.guest_shut |= h.flags & _SHUT_BOTH
+            if conn.guest_shut == _SHUT_BOTH:
                 conn.state = ConnState.CLOSING
             self._flush_out(conn)
         elif op == Op.REQUEST:
@@ -562,7 +813,7 @@ class Vsock(ThreadedVirtioDevice):
 
     def _guest_data(self, conn: Connection, h: Header, views: list[memoryview]) -> None:
         n = h.len
-        if conn.state is not ConnState.ESTABLISHED or conn.guest_shut & ShutdownFlags.SEND:
+        if conn.state is not ConnState.ESTABLISHED or conn.guest_shut & _SHUT_SEND:
             self._bad("RW on a connection that is %s", conn.state.name)
             self._reset(conn, h)
             return
@@ -571,26 +822,9 @@ class Vsock(ThreadedVirtioDevice):
             self.stats["credit_violation"] += 1
             self._reset(conn, h)
             return
-        if not n:
-            return
-        self.stats["tx_bytes"] += n
-        if conn.out or conn.prefix:
-            conn.out += b"".join(views)
-            self._flush_out(conn)
-            return
-        try:
-            sent = conn.sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            sent = 0
-        except OSError as err:
-            logger.debug("vsock host socket write failed: %s", err)
-            self._drop(conn, rst=True)
-            return
-        conn.fwd_cnt = (conn.fwd_cnt + sent) & _U32
-        if sent < n:
-            rest = b"".join(views)[sent:]
-            conn.out += rest
-        self._maybe_credit_update(conn)
+        if n:
+            self.stats["tx_bytes"] += n
+            self._send_to_host(conn, views, n)
 
     def _flush_out(self, conn: Connection) -> None:
         """Write buffered guest data to the host; finish shutdowns once it is all out."""
@@ -820,6 +1054,7 @@ class Vsock(ThreadedVirtioDevice):
             obj.sock.close()
         self._by_token.clear()
         self._conns.clear()
+        self._pump_soon.clear()
         self._ctrl.clear()  # replies to connections the guest is about to forget
         self.stats["transport_reset"] += 1
         if len(self.queues) <= EVQ or self.interrupt is None:

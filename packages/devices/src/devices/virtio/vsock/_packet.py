@@ -84,3 +84,8 @@ def unpack_header(data: bytes | memoryview) -> Header:
 
 def pack_into(view: memoryview, h: Header) -> None:
     _HDR.pack_into(view, 0, *h)
+
+
+#: The raw header struct, for the device's data path: it packs straight into guest memory and
+#: unpacks into plain tuples (no :class:`Header` per packet).
+HDR_STRUCT = _HDR
