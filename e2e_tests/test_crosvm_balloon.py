@@ -306,3 +306,30 @@ def test_linux_guest_stats_and_inflate(host_profile: Any, tmp_path: Path) -> Non
         console.close()
         proc.stdin.close()
         proc.stdout.close()
+
+
+# --- a jailed balloon that dies ------------------------------------------------------------------
+
+
+@pytest.mark.kvm
+def test_a_jailed_balloon_killed_by_seccomp_ends_the_vm_naming_it(tmp_path: Path) -> None:
+    """The balloon's policy, minus madvise: the first inflate kills the device process, and
+    crosvm exits (status 1) with a message naming the device and the signal (and, in the
+    seccomp log mode, the syscall)."""
+    from devices.proxy import policy_dir
+
+    policies = tmp_path / "policies"
+    shutil.copytree(policy_dir(), policies)
+    common = policies / "common_device.policy"
+    text = common.read_text()
+    assert "\nmadvise:" in text
+    lines = text.replace("\\\n", "").splitlines()
+    common.write_text("\n".join(line for line in lines if not line.startswith("madvise:")) + "\n")
+    cfg = GuestConfig("balloon", {"pages": 64}, balloon=True)
+    argv = crosvm_command(build_guest(), cfg, crosvm=CROSVM)
+    argv[2:2] = ["--seccomp-policy-dir", str(policies), "--seccomp-log-failures"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("crosvm: a device process died (device pci-virtio-balloon"), last
+    assert "killed by SIGSYS (seccomp refused syscall madvise)" in last, last
