@@ -1,16 +1,28 @@
-"""virtio-vsock stream throughput: host -> guest -> host through the test guest's vsock-echo.
+"""virtio-vsock stream throughput under pycrosvm, in both directions and as an echo.
 
-pycrosvm runs ``--cid N`` (the Unix-socket backend); the host connects to the device's socket
-with ``CONNECT 5000``, streams ``--mib`` MiB of random bytes while reading the echo back, and
-checks the sha256. MB/s counts payload one way (the bytes cross the device twice).
+pycrosvm runs ``--cid N`` (the Unix-socket backend) with the C test guest:
+
+* ``echo``: the host connects to the device's socket with ``CONNECT 5000`` (``vsock-echo``),
+  streams ``--mib`` MiB of random bytes while reading the echo back, and checks the sha256.
+  MB/s counts payload one way (the bytes cross the device twice).
+* ``host->guest``: the guest connects to host port 7000 (``vsock-connect bytes=0
+  close=host hash=0``); the host listener writes ``--mib`` MiB and half-closes; the clock stops
+  when the device closes the host socket, i.e. after the guest received every byte and shut down.
+* ``guest->host``: the guest sends ``--mib`` MiB (``vsock-connect hash=0``) and half-closes;
+  the host reads to EOF and checks the byte count.
+
+Each runs with the guest's rx buffers at 64 KiB (``rx_buf``, the test guest's default) and at
+4 KiB (what a Linux guest posts); guest->host does not depend on them.
 
 There is no same-run VMM peer on these hosts: QEMU only offers vhost-vsock, which needs
-``/dev/vhost-vsock`` (absent here). As a ceiling the same transfer runs through a plain host
-Unix-socket echo (``socat``), and the ratio says how far the whole path (device + guest) is from
-the host's own socket throughput. ``--device-only`` adds the device alone with the mock
-virtqueue driver (no KVM), which isolates the Python per-packet cost.
+``/dev/vhost-vsock`` (absent here). As a ceiling the same transfers run through plain host
+Unix sockets with ``socat`` (an echo, and a one-way sink), and the ratios say how far the whole
+path (device + guest) is from the host's own socket throughput. ``--device-only`` adds the
+device alone with the mock virtqueue driver (no KVM), which isolates the Python per-packet cost.
+crosvm runs in its default (sandboxed) mode; ``--disable-sandbox`` runs the device in-process
+(what ``py-spy`` needs to see it).
 
-    python benchmarks/vsock.py [--mib 8] [--runs 3] [--device-only]
+    python benchmarks/vsock.py [--mib 32] [--runs 3] [--only echo,h2g,g2h] [--device-only]
 """
 
 from __future__ import annotations
@@ -26,12 +38,17 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "e2e_tests"))
 
-from fixture import GuestConfig, launch  # noqa: E402
+from fixture import GuestConfig, GuestVm, command  # noqa: E402
+
+CROSVM = shutil.which("crosvm") or "crosvm"
+TIMEOUT = 300.0
+HOST_PORT = 7000
 
 
 def _echo(sock: socket.socket, data: bytes) -> tuple[bytes, float]:
@@ -51,17 +68,32 @@ def _echo(sock: socket.socket, data: bytes) -> tuple[bytes, float]:
     return bytes(got), elapsed
 
 
-def crosvm_vsock(mib: int) -> float:
-    cid = 3 + os.getpid() % 100_000
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"crosvm-vsock-{cid}.sock"
-    crosvm = shutil.which("crosvm") or "crosvm"
+def _vm(cfg: GuestConfig, sandbox: bool) -> GuestVm:
+    argv = command(cfg, vmm="crosvm", crosvm=CROSVM)
+    if not sandbox:
+        argv.insert(argv.index("run") + 1, "--disable-sandbox")
+    vm = GuestVm(argv)
+    vm.config = cfg
+    return vm
+
+
+def _cid() -> int:
+    return 3 + (os.getpid() * 7919 + int.from_bytes(os.urandom(2), "little")) % 1_000_000
+
+
+def _uds(cid: int) -> Path:
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"crosvm-vsock-{cid}.sock"
+
+
+def crosvm_echo(mib: int, rx_buf: int, sandbox: bool) -> float:
+    cid = _cid()
     data = os.urandom(mib << 20) + b"END\n"
-    cfg = GuestConfig("vsock-echo", vsock_cid=cid, params={"timeout_ms": 300000})
-    with launch(cfg, vmm="crosvm", crosvm=crosvm) as vm:
+    params = {"timeout_ms": 300000, "rx_buf": rx_buf}
+    with _vm(GuestConfig("vsock-echo", vsock_cid=cid, params=params), sandbox) as vm:
         vm.wait_for("READY vsock-echo", 120)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(120)
-            sock.connect(str(path))
+            sock.settimeout(TIMEOUT)
+            sock.connect(str(_uds(cid)))
             sock.sendall(b"CONNECT 5000\n")
             line = b""
             while not line.endswith(b"\n"):
@@ -69,22 +101,82 @@ def crosvm_vsock(mib: int) -> float:
             if not line.startswith(b"OK "):
                 raise RuntimeError(f"handshake failed: {line!r}")
             got, elapsed = _echo(sock, data)
-        vm.wait(120).check()
+        vm.wait(TIMEOUT).check()
     if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
         raise RuntimeError(f"echo differs ({len(got)} of {len(data)} bytes)")
     return len(data) / elapsed / 1e6
+
+
+def _guest_connect(
+    params: dict[str, object], sandbox: bool, serve: Callable[[socket.socket], int]
+) -> float:
+    """Run ``vsock-connect`` to the host; ``serve`` moves the data and returns the byte count."""
+    cid = _cid()
+    path = f"{_uds(cid)}_{HOST_PORT}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        try:
+            listener.listen(1)
+            listener.settimeout(120)
+            full = {"port": HOST_PORT, "hash": 0, "timeout_ms": 300000, **params}
+            with _vm(GuestConfig("vsock-connect", vsock_cid=cid, params=full), sandbox) as vm:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(TIMEOUT)
+                    t0 = time.perf_counter()
+                    n = serve(conn)
+                    elapsed = time.perf_counter() - t0
+                vm.wait(TIMEOUT).check()
+        finally:
+            os.unlink(path)
+    return n / elapsed / 1e6
+
+
+def crosvm_host_to_guest(mib: int, rx_buf: int, sandbox: bool) -> float:
+    data = os.urandom(mib << 20)
+
+    def serve(conn: socket.socket) -> int:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(1 << 16):  # EOF once the guest has everything and closed
+            pass
+        return len(data)
+
+    params = {"bytes": 0, "close": "host", "rx_buf": rx_buf}
+    return _guest_connect(params, sandbox, serve)
+
+
+def crosvm_guest_to_host(mib: int, sandbox: bool) -> float:
+    want = mib << 20
+
+    def serve(conn: socket.socket) -> int:
+        buf = bytearray(1 << 18)
+        n = 0
+        while got := conn.recv_into(buf):
+            n += got
+        conn.shutdown(socket.SHUT_WR)
+        if n != want:
+            raise RuntimeError(f"guest->host: {n} of {want} bytes")
+        return n
+
+    return _guest_connect({"bytes": want, "close": "guest"}, sandbox, serve)
+
+
+def _socat(args: list[str], path: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["socat", *args])
+    for _ in range(500):
+        if os.path.exists(path):
+            break
+        time.sleep(0.01)
+    return proc
 
 
 def socat_echo(mib: int) -> float:
     data = os.urandom(mib << 20)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "echo.sock")
-        proc = subprocess.Popen(["socat", f"UNIX-LISTEN:{path}", "PIPE"])
+        proc = _socat([f"UNIX-LISTEN:{path}", "PIPE"], path)
         try:
-            for _ in range(500):
-                if os.path.exists(path):
-                    break
-                time.sleep(0.01)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.connect(path)
                 got, elapsed = _echo(sock, data)
@@ -93,6 +185,27 @@ def socat_echo(mib: int) -> float:
             proc.wait()
     if got != data:
         raise RuntimeError("socat echo differs")
+    return len(data) / elapsed / 1e6
+
+
+def socat_one_way(mib: int) -> float:
+    """Host -> socat -> /dev/null; the clock stops when socat has read it all and closed."""
+    data = os.urandom(mib << 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sink.sock")
+        proc = _socat(["-u", f"UNIX-LISTEN:{path}", "OPEN:/dev/null"], path)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(path)
+                t0 = time.perf_counter()
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                proc.wait(TIMEOUT)
+                elapsed = time.perf_counter() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return len(data) / elapsed / 1e6
 
 
@@ -133,23 +246,43 @@ def device_only(mib: int) -> float:
     return len(data) / elapsed / 1e6
 
 
+def _row(name: str, runs: list[float], peer: float | None = None) -> None:
+    med = statistics.median(runs)
+    ratio = f"   {med / peer:6.3f}x host" if peer else ""
+    listed = ", ".join(f"{x:.1f}" for x in runs)
+    print(f"{name:<34} {med:8.1f} MB/s{ratio}   (runs: {listed})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mib", type=int, default=8)
+    ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="echo,h2g,g2h", help="comma list of echo, h2g, g2h")
+    ap.add_argument("--disable-sandbox", action="store_true")
     ap.add_argument("--device-only", action="store_true")
     args = ap.parse_args()
-    ours = [crosvm_vsock(args.mib) for _ in range(args.runs)]
-    peer = [socat_echo(args.mib) for _ in range(args.runs)]
-    o, p = statistics.median(ours), statistics.median(peer)
-    print(
-        f"vsock echo {args.mib} MiB   pycrosvm {o:8.1f} MB/s   (runs: "
-        f"{', '.join(f'{x:.1f}' for x in ours)})"
-    )
-    print(f"host unix echo (socat)   {p:8.1f} MB/s   ratio pycrosvm/host = {o / p:.3f}")
+    sandbox = not args.disable_sandbox
+    only = set(args.only.split(","))
+    n, mib = args.runs, args.mib
+    echo_peer = statistics.median([socat_echo(mib) for _ in range(n)])
+    one_way_peer = statistics.median([socat_one_way(mib) for _ in range(n)])
+    mode = "sandboxed" if sandbox else "--disable-sandbox"
+    print(f"vsock, {mib} MiB per run, median of {n}, crosvm {mode}")
+    print(f"{'host unix echo (socat PIPE)':<34} {echo_peer:8.1f} MB/s")
+    print(f"{'host unix one-way (socat -u)':<34} {one_way_peer:8.1f} MB/s")
+    for rx_buf in (65536, 4096):
+        tag = f"rx_buf {rx_buf // 1024} KiB"
+        if "echo" in only:
+            runs = [crosvm_echo(mib, rx_buf, sandbox) for _ in range(n)]
+            _row(f"echo, {tag}", runs, echo_peer)
+        if "h2g" in only:
+            runs = [crosvm_host_to_guest(mib, rx_buf, sandbox) for _ in range(n)]
+            _row(f"host->guest, {tag}", runs, one_way_peer)
+    if "g2h" in only:
+        runs = [crosvm_guest_to_host(mib, sandbox) for _ in range(n)]
+        _row("guest->host (64 KiB packets)", runs, one_way_peer)
     if args.device_only:
-        dev = [device_only(args.mib) for _ in range(args.runs)]
-        print(f"device only (mock guest) {statistics.median(dev):8.1f} MB/s")
+        _row("device only (mock guest) h->g", [device_only(mib) for _ in range(n)])
 
 
 if __name__ == "__main__":

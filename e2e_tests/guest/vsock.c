@@ -51,6 +51,8 @@ struct vconn {
 static struct virtq *rxq, *txq;
 static u64 my_cid;
 static u32 rx_payload; /* payload room of one rx buffer (rx_buf=, default 64 KiB) */
+static u8 *rx_done[NRX]; /* used rx buffers not given back yet */
+static u32 rx_ndone, rx_nposted;
 static u8 *tx_free[NTX];
 static u32 tx_nfree;
 
@@ -71,6 +73,7 @@ static void vs_init(void) {
     rx_payload = (u32)cmdline_u64("rx_buf", 64 * 1024);
     if (rx_payload < 64 || rx_payload > (1u << 20)) fail("vsock: rx_buf=%u out of range", rx_payload);
     u32 nrx = NRX < rxq->size ? NRX : rxq->size;
+    rx_nposted = nrx;
     for (u32 i = 0; i < nrx; i++) {
         u8 *b = alloc(HDR + rx_payload, 4096);
         struct vbuf v = {b, HDR + rx_payload};
@@ -80,11 +83,25 @@ static void vs_init(void) {
     for (u32 i = 0; i < txq->size && i < NTX; i++) tx_free[tx_nfree++] = alloc(HDR + MAX_PKT, 4096);
 }
 
+/* Used rx buffers go back in batches, as Linux refills its rx queue: one kick per batch. */
+static void rx_flush(void) {
+    if (!rx_ndone) return;
+    for (u32 i = 0; i < rx_ndone; i++) {
+        struct vbuf v = {rx_done[i], HDR + rx_payload};
+        vq_add(rxq, &v, 0, 1, rx_done[i]);
+    }
+    rx_ndone = 0;
+    vq_kick(rxq);
+}
+
 /* A used rx buffer (NULL if none) after checking the length the device claims it wrote. */
 static u8 *rx_get(struct vsock_hdr *h) {
     u32 len;
     u8 *b = vq_get(rxq, &len);
-    if (!b) return NULL;
+    if (!b) {
+        rx_flush(); /* idle: give back what we hold */
+        return NULL;
+    }
     if (len > HDR + rx_payload) fail("vsock: device wrote %u bytes into a %u-byte buffer", len, HDR + rx_payload);
     if (len < HDR) fail("vsock: device used an rx buffer with %u bytes (less than a header)", len);
     memcpy(h, b, HDR);
@@ -93,9 +110,8 @@ static u8 *rx_get(struct vsock_hdr *h) {
 }
 
 static void rx_put(u8 *b) {
-    struct vbuf v = {b, HDR + rx_payload};
-    vq_add(rxq, &v, 0, 1, b);
-    vq_kick(rxq);
+    rx_done[rx_ndone++] = b;
+    if (rx_ndone >= rx_nposted / 2) rx_flush();
 }
 
 static void tx_reclaim(void) {
