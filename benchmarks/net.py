@@ -1,15 +1,23 @@
-"""virtio-net throughput: the test guest's net-bench and net-echo under pycrosvm vs QEMU.
+"""virtio-net throughput, both directions: the test guest's net-bench and net-echo, vs QEMU.
 
 Both VMMs attach to the SAME persistent tap (``ip tuntap add ... vnet_hdr``) inside a private
 network namespace made for this run (``pycrosvm-test-<random>``, deleted at the end), in the same
 run, with the same guest: QEMU with ``-netdev tap,ifname=...,script=no,downscript=no,vhost=off
 -device virtio-net-pci`` (user-space virtio-net, like ours; no vhost), pycrosvm with
-``--tap-name``. Nothing leaves the namespace.
+``--tap-name`` (its default, sandboxed mode, and with ``--crosvm-modes`` also
+``--disable-sandbox``). Nothing leaves the namespace. Every measurement is repeated
+``--rounds`` times, the VMMs interleaved (the order flips each round), and the medians are
+compared: this host is shared, and a single run can be off by 2x either way.
 
-- **tx** (``net-bench``): the guest transmits ``--frames`` broadcast frames of ``--size`` bytes
-  (and of 60 bytes) as fast as its queue allows and times it from the first send to the last
-  completion (a completion means the VMM has written the frame into the tap). The host checks
-  with the tap's kernel counters (rx_packets/rx_bytes) that every frame arrived.
+- **tx** (``net-bench dir=tx``, guest -> host): the guest transmits ``--frames`` broadcast
+  frames of ``--size`` bytes (and of 60 bytes) as fast as its ring allows and times it from
+  the first send to the last completion (a completion means the VMM wrote the frame into the
+  tap). The host checks with the tap's kernel counters that every frame arrived.
+- **rx** (``net-bench dir=rx``, host -> guest): a small C sender (built here with gcc)
+  pushes frames of ``--size`` (and 60) bytes into the tap through an AF_PACKET socket with
+  ``sendmmsg`` for ``--rx-seconds``, as fast as it can; the tap's queue drops what the VMM
+  does not take in time. The guest counts the frames it receives from the first to the last
+  (frames/s delivered); the loss is reported too.
 - **echo** (``net-echo``): the host sends 0x88B5 frames through an AF_PACKET socket with up to
   ``--window`` frames in flight, the guest echoes each one; round trips/s, payload checked.
 
@@ -19,18 +27,24 @@ run, with the same guest: QEMU with ``-netdev tap,ifname=...,script=no,downscrip
   and sends as much with busybox ``nc`` to a host listener (guest -> host, the tx path).
   Times are the guest's own clock for each command.
 
-Ratios are pycrosvm/QEMU (higher is better for us). Needs root and /dev/kvm.
+Ratios are pycrosvm/QEMU (higher is better for us). Needs root, /dev/kvm and gcc. The load
+average is printed before and after: the guest busy-polls one CPU, so on a 2-CPU host any
+other load lands on the VMM's device thread.
 
-    python benchmarks/net.py [--frames 20000] [--size 1514] [--echo 4000] [--window 32]
-                             [--linux] [--mib 4]
+    python benchmarks/net.py [--rounds 3] [--frames 200000] [--size 1514] [--rx-seconds 1]
+                             [--echo 4000] [--window 32] [--crosvm-modes default,nosandbox]
+                             [--only tx,rx,echo] [--linux] [--mib 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -48,6 +62,10 @@ from test_crosvm_net import Netns, echo_round_trip  # noqa: E402
 
 TAP = "pycbench0"
 QEMU_MAC = "52:54:00:12:34:56"
+ETH_TEST = 0x88B5
+
+#: vmm label -> crosvm run options ("qemu" is the peer).
+CROSVM_MODES = {"default": [], "nosandbox": ["--disable-sandbox"]}
 
 
 def vmm_argv(vmm: str, cfg: GuestConfig) -> list[str]:
@@ -60,26 +78,148 @@ def vmm_argv(vmm: str, cfg: GuestConfig) -> list[str]:
         ]  # fmt: skip
     crosvm = shutil.which("crosvm") or "crosvm"
     argv = crosvm_command(kernel, cfg, crosvm=crosvm)
-    return [*argv[:-1], "--tap-name", TAP, argv[-1]]
+    mode = CROSVM_MODES[vmm.removeprefix("crosvm-")] if vmm != "crosvm" else []
+    return [*argv[:2], *mode, *argv[2:-1], "--tap-name", TAP, argv[-1]]
 
 
-def tap_counters(ns: Netns) -> tuple[int, int]:
-    """(rx_packets, rx_bytes) of the tap: frames the VMM wrote into it."""
+def tap_counters(ns: Netns) -> dict[str, int]:
+    """The tap's kernel counters (rx: frames the VMM wrote; tx: frames handed to the VMM)."""
     info = json.loads(ns.run("ip", "-j", "-s", "link", "show", "dev", TAP))[0]
-    rx = info["stats64"]["rx"]
-    return int(rx["packets"]), int(rx["bytes"])
+    s = info["stats64"]
+    return {
+        "rx_packets": int(s["rx"]["packets"]),
+        "rx_bytes": int(s["rx"]["bytes"]),
+        "tx_packets": int(s["tx"]["packets"]),
+        "tx_dropped": int(s["tx"]["dropped"]),
+    }
 
 
 def bench_tx(ns: Netns, vmm: str, frames: int, size: int) -> dict[str, float]:
-    cfg = GuestConfig("net-bench", params={"frames": frames, "size": size})
-    p0, b0 = tap_counters(ns)
+    cfg = GuestConfig("net-bench", params={"dir": "tx", "frames": frames, "size": size})
+    c0 = tap_counters(ns)
     with GuestVm(ns.exec_argv(vmm_argv(vmm, cfg))) as vm:
         result = vm.wait(600).check()
-    p1, b1 = tap_counters(ns)
-    guest = result.find("pps")
-    if p1 - p0 != frames or b1 - b0 != frames * size:
-        raise SystemExit(f"{vmm}: the tap got {p1 - p0} frames / {b1 - b0} bytes of {frames}")
-    return {"pps": float(guest["pps"]), "mb_per_s": float(guest["mb_per_s"])}
+    c1 = tap_counters(ns)
+    guest = result.find("net_bench_frames")
+    got, nbytes = c1["rx_packets"] - c0["rx_packets"], c1["rx_bytes"] - c0["rx_bytes"]
+    if got != frames or nbytes != frames * size:
+        raise SystemExit(f"{vmm}: the tap got {got} frames / {nbytes} bytes of {frames}")
+    return {
+        "frames_per_s": float(guest["pps"]),
+        "mb_per_s": frames * size / float(guest["us"]),
+        "kicks": float(guest["kicks"]),
+    }
+
+
+SENDER_C = r"""
+/* Push 0x88B5 frames into a tap through AF_PACKET as fast as sendmmsg allows, for a time. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/if_packet.h>
+#include <net/if.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#define B 64
+static unsigned char buf[B][2048];
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(int argc, char **argv) {
+    if (argc != 5) return 2;
+    unsigned size = atoi(argv[3]);
+    double seconds = atof(argv[4]);
+    if (size < 60 || size > 1514) return 2;
+    int s = socket(AF_PACKET, SOCK_RAW, 0);
+    struct sockaddr_ll a = {.sll_family = AF_PACKET, .sll_protocol = htons(0x88B5)};
+    a.sll_ifindex = if_nametoindex(argv[1]);
+    if (s < 0 || !a.sll_ifindex || bind(s, (struct sockaddr *)&a, sizeof a)) {
+        perror("sender socket");
+        return 1;
+    }
+    struct mmsghdr m[B];
+    struct iovec iov[B];
+    memset(m, 0, sizeof m);
+    for (int k = 0; k < B; k++) {
+        unsigned char *f = buf[k];
+        for (int i = 0; i < 6; i++) sscanf(argv[2] + 2 * i, "%2hhx", &f[i]);
+        memcpy(f + 6, "\x02\x00\x5e\x10\x00\x02", 6);
+        f[12] = 0x88, f[13] = 0xB5;
+        for (unsigned i = 14; i < size; i++) f[i] = (unsigned char)i;
+        iov[k].iov_base = f;
+        iov[k].iov_len = size;
+        m[k].msg_hdr.msg_iov = &iov[k];
+        m[k].msg_hdr.msg_iovlen = 1;
+    }
+    unsigned long long seq = 0, sent = 0, nobufs = 0;
+    double t0 = now(), t;
+    while ((t = now()) - t0 < seconds) {
+        for (int k = 0; k < B; k++) {
+            unsigned long long q = seq + k;
+            memcpy(buf[k] + 14, &q, 8);
+        }
+        int r = sendmmsg(s, m, B, 0);
+        if (r < 0) {
+            if (errno != ENOBUFS && errno != EAGAIN) {
+                perror("sendmmsg");
+                return 1;
+            }
+            nobufs++, seq++;  /* that frame was dropped before the tap */
+            continue;
+        }
+        seq += r, sent += r;
+    }
+    printf("sent=%llu nobufs=%llu seconds=%.4f\n", sent, nobufs, now() - t0);
+    return 0;
+}
+"""
+
+
+def build_sender() -> Path:
+    """Compile the frame sender once per source version (cached next to the test guest)."""
+    key = hashlib.sha256(SENDER_C.encode()).hexdigest()[:16]
+    out = Path.home() / ".cache" / "pycrosvm" / "net-sender" / key / "sender"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        src = out.parent / "sender.c"
+        src.write_text(SENDER_C)
+        tmp = out.parent / f".sender-{os.getpid()}"
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), str(src)], check=True)
+        os.rename(tmp, out)
+    return out
+
+
+def bench_rx(ns: Netns, vmm: str, size: int, seconds: float) -> dict[str, float]:
+    cfg = GuestConfig("net-bench", params={"dir": "rx", "idle_ms": 3000})
+    sender = build_sender()
+    c0 = tap_counters(ns)
+    with GuestVm(ns.exec_argv(vmm_argv(vmm, cfg))) as vm:
+        mac = vm.wait_for(r"READY net-bench dir=rx mac=(\S+)", 120).group(1).replace(":", "")
+        out = ns.run(str(sender), TAP, mac, str(size), str(seconds))
+        sent = {k: float(v) for k, v in (kv.split("=") for kv in out.split())}
+        end = bytes.fromhex(mac) + bytes(6) + struct.pack(">H", ETH_TEST) + b"END" + bytes(43)
+        with ns.packet_socket(TAP) as sock:
+            deadline = time.monotonic() + 60
+            while vm.proc.poll() is None and time.monotonic() < deadline:
+                sock.send(end)  # the tap's queue may be full: repeat until the guest stops
+                time.sleep(0.05)
+        result = vm.wait(60).check()
+    c1 = tap_counters(ns)
+    guest = result.find("net_rx_frames")
+    frames = float(guest["net_rx_frames"])
+    return {
+        "frames_per_s": float(guest["pps"]),
+        "mb_per_s": float(guest["bytes"]) / float(guest["us"]) if float(guest["us"]) else 0.0,
+        "offered_per_s": sent["sent"] / sent["seconds"],
+        "loss": 1 - frames / sent["sent"] if sent["sent"] else 0.0,
+        "tap_dropped": float(c1["tx_dropped"] - c0["tx_dropped"]),
+        "kicks": float(guest["kicks"]),
+    }
 
 
 def bench_echo(ns: Netns, vmm: str, count: int, window: int) -> dict[str, float]:
@@ -92,9 +232,9 @@ def bench_echo(ns: Netns, vmm: str, count: int, window: int) -> dict[str, float]
             t0 = time.monotonic()
             nbytes = echo_round_trip(sock, mac, count, window)
             seconds = time.monotonic() - t0
-            sock.send(mac + bytes(6) + struct.pack(">H", 0x88B5) + b"END" + bytes(43))
+            sock.send(mac + bytes(6) + struct.pack(">H", ETH_TEST) + b"END" + bytes(43))
             vm.wait(120).check()
-    return {"rtt_per_s": count / seconds, "payload_mbps": nbytes / seconds / 1e6}
+    return {"rtt_per_s": count / seconds, "payload_mb_per_s": nbytes / seconds / 1e6}
 
 
 HOST_IP, GUEST_IP = "10.213.8.1", "10.213.8.2"
@@ -201,39 +341,89 @@ def run_linux(ns: Netns, mib: int) -> list[tuple[str, str, dict[str, float]]]:
         shutil.rmtree(webroot, ignore_errors=True)
 
 
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--frames", type=int, default=200000, help="tx frames per run")
     ap.add_argument("--size", type=int, default=1514)
+    ap.add_argument("--rx-seconds", type=float, default=1.0)
     ap.add_argument("--echo", type=int, default=4000)
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--crosvm-modes", default="default",
+                    help="comma list of: " + ", ".join(CROSVM_MODES))  # fmt: skip
+    ap.add_argument("--only", default="tx,rx,echo", help="comma list of: tx, rx, echo")
     ap.add_argument("--linux", action="store_true", help="also TCP with a Linux guest")
     ap.add_argument("--mib", type=int, default=4)
     args = ap.parse_args()
+    modes = [m.strip() for m in args.crosvm_modes.split(",") if m.strip()]
+    if any(m not in CROSVM_MODES for m in modes):
+        ap.error(f"--crosvm-modes: one of {', '.join(CROSVM_MODES)}")
+    ours = ["crosvm" if m == "default" else f"crosvm-{m}" for m in modes]
+    only = set(args.only.split(","))
+    size = args.size
+    cases: list[tuple[str, object]] = []
+    if "tx" in only:
+        cases += [(f"tx{size}", lambda ns, v: bench_tx(ns, v, args.frames, size)),
+                  ("tx60", lambda ns, v: bench_tx(ns, v, args.frames, 60))]  # fmt: skip
+    if "rx" in only:
+        cases += [(f"rx{size}", lambda ns, v: bench_rx(ns, v, size, args.rx_seconds)),
+                  ("rx60", lambda ns, v: bench_rx(ns, v, 60, args.rx_seconds))]  # fmt: skip
+    if "echo" in only:
+        cases.append(("echo", lambda ns, v: bench_echo(ns, v, args.echo, args.window)))
+    load_before = load()
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
     ns = Netns()
     try:
         ns.persistent_tap(TAP)
-        rows: list[tuple[str, str, dict[str, float]]] = []
-        for vmm in ("qemu", "crosvm"):
-            rows.append(("tx", vmm, bench_tx(ns, vmm, args.frames, args.size)))
-            rows.append((f"tx{60}", vmm, bench_tx(ns, vmm, args.frames, 60)))
-            rows.append(("echo", vmm, bench_echo(ns, vmm, args.echo, args.window)))
-        if args.linux:
-            rows += run_linux(ns, args.mib)
+        build_guest()
+        if "rx" in only:
+            build_sender()
+        for rnd in range(args.rounds):
+            order = ["qemu", *ours] if rnd % 2 == 0 else [*ours, "qemu"]
+            for kind, fn in cases:
+                for vmm in order:
+                    r = fn(ns, vmm)  # type: ignore[operator]
+                    rows.setdefault((kind, vmm), []).append(r)
+                    line = "  ".join(f"{k}={v:,.4g}" for k, v in r.items())
+                    print(f"  round {rnd + 1} {kind:7} {vmm:17} {line}", flush=True)
+        linux_rows = run_linux(ns, args.mib) if args.linux else []
     finally:
         ns.close()
-    print(f"net-bench {args.frames} frames of {args.size} (and 60) bytes; "
-          f"net-echo {args.echo} frames, window {args.window}")  # fmt: skip
-    by = {(kind, vmm): r for kind, vmm, r in rows}
-    for kind, vmm, r in rows:
-        print(f"  {kind:5} {vmm:7} " + "  ".join(f"{k}={v:,.4g}" for k, v in r.items()))
-    keys = {"tx": ["pps"], "tx60": ["pps"], "echo": ["rtt_per_s"]}
-    if args.linux:
-        keys["linux"] = ["download_mbps", "upload_mbps"]
-    for kind, names in keys.items():
-        ours, peer = by[(kind, "crosvm")], by[(kind, "qemu")]
-        for key in names:
-            print(f"  ratio {kind:5} pycrosvm/QEMU {key}: {ours[key] / peer[key]:.2f}")
+    print(f"\nvirtio-net, pycrosvm vs QEMU (vhost=off), {args.rounds} interleaved rounds, medians; "
+          f"tx {args.frames} frames/run, rx {args.rx_seconds:g} s of offered load/run, "
+          f"echo {args.echo} frames window {args.window}")  # fmt: skip
+    print(f"load average before: {load_before}  after: {load()}  (cpus: {os.cpu_count()})")
+    keys = {"tx": ["frames_per_s", "mb_per_s"], "rx": ["frames_per_s", "mb_per_s"],
+            "ec": ["rtt_per_s", "payload_mb_per_s"]}  # fmt: skip
+    for kind, _ in cases:
+        for vmm in ["qemu", *ours]:
+            runs = rows[(kind, vmm)]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"  {kind:7} {vmm:17} " + "  ".join(f"{k}={v:,.4g}" for k, v in med.items()))
+    for kind, _ in cases:
+        peer = rows[(kind, "qemu")]
+        for vmm in ours:
+            mine = rows[(kind, vmm)]
+            parts = []
+            for key in keys[kind[:2]]:
+                ratio = statistics.median(r[key] for r in mine) / statistics.median(
+                    r[key] for r in peer
+                )
+                per_round = ", ".join(
+                    f"{a[key] / b[key]:.2f}" for a, b in zip(mine, peer, strict=True)
+                )
+                parts.append(f"{key} {ratio:.2f} (rounds: {per_round})")
+            print(f"  ratio {kind:7} {vmm}/QEMU: " + "; ".join(parts))
+    for kind, vmm, r in linux_rows:
+        print(f"  {kind:7} {vmm:17} " + "  ".join(f"{k}={v:,.4g}" for k, v in r.items()))
+    if linux_rows:
+        by = {vmm: r for _, vmm, r in linux_rows}
+        for key in ("download_mbps", "upload_mbps"):
+            print(f"  ratio linux pycrosvm/QEMU {key}: {by['crosvm'][key] / by['qemu'][key]:.2f}")
     return 0
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from devices.virtio._constants import DeviceType, Features
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
 from devices.virtio._queue import VIRTQ_DESC_F_WRITE, DescriptorChain, Queue
-from devices.virtio.net._ring import DESC, FastRing
+from devices.virtio.net._ring import FastRing
 from devices.virtio.net._tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -353,45 +353,48 @@ class Net(ThreadedVirtioDevice):
             return 0
         mask, desc, used = ring.mask, ring.desc, ring.used
         ram, base, end = ring.ram, ring.base, ring.end
-        unpack = DESC.unpack_from
         write = os.write
         fd = self.tap.fileno()
         hdr = self._hdr_len
         limit = hdr + MAX_FRAME_BYTES
         next_used = queue.next_used
-        done = frames = nbytes = 0
+        done = errors = nbytes = 0
         slow = False
         for _ in range(pending if pending < TX_BATCH else TX_BATCH):
             head = avail[2 + (next_avail & mask)]
             if head >= size:
                 slow = True
                 break
-            addr, length, flags, _ = unpack(desc, head << 4)
-            # The common chain: ONE device-readable descriptor (header + frame) in region 0.
-            # Anything else, including a chain that breaks a rule, goes to Queue.pop.
-            if flags or length < hdr or length > limit or addr < base or addr + length > end:
+            meta = desc[(head << 1) + 1]
+            addr = desc[head << 1]
+            length = meta & 0xFFFF_FFFF
+            # The common chain: ONE device-readable descriptor (flags 0: header + frame) in
+            # region 0. Anything else, including a chain that breaks a rule, goes to Queue.pop.
+            if meta & 0xFFFF_0000_0000 or not hdr <= length <= limit or addr < base:
                 slow = True
                 break
             off = addr - base
+            if addr + length > end:
+                slow = True
+                break
             try:
                 write(fd, ram[off : off + length])
             except OSError as err:  # the kernel refused the header or frame
-                self.stats.tx_errors += 1
+                errors += 1
                 self.log.warn("tx frame of %d bytes dropped: %s", length - hdr, err)
             else:
-                frames += 1
                 nbytes += length
-            next_avail = (next_avail + 1) & 0xFFFF
-            slot = (next_used & mask) << 1
-            used[slot] = head
-            used[slot + 1] = 0
-            next_used = (next_used + 1) & 0xFFFF
+            used[next_used & mask] = head  # id = head, len = 0 (nothing written)
+            next_avail += 1
+            next_used += 1
             done += 1
+        frames = done - errors
         stats = self.stats
         stats.tx_frames += frames  # counters first: a test may read them once it sees used
         stats.tx_bytes += nbytes - frames * hdr
-        queue.next_avail = next_avail
-        ring.publish(queue, next_used)
+        stats.tx_errors += errors
+        queue.next_avail = next_avail & 0xFFFF
+        ring.publish(queue, next_used & 0xFFFF)
         if slow:
             chain = queue.pop()
             if chain is not None:
@@ -477,7 +480,6 @@ class Net(ThreadedVirtioDevice):
             return None
         mask, desc, used = ring.mask, ring.desc, ring.used
         ram, base, end = ring.ram, ring.base, ring.end
-        unpack = DESC.unpack_from
         readv = os.readv
         fd = self.tap.fileno()
         hdr = self._hdr_len
@@ -492,8 +494,14 @@ class Net(ThreadedVirtioDevice):
             if head >= size:
                 self._rx_slow = True
                 break
-            addr, length, flags, _ = unpack(desc, head << 4)
-            if flags != VIRTQ_DESC_F_WRITE or length < hdr or addr < base or addr + length > end:
+            meta = desc[(head << 1) + 1]
+            addr = desc[head << 1]
+            length = meta & 0xFFFF_FFFF
+            # ONE device-writable descriptor (flags == WRITE) in region 0, room for a header.
+            if (meta >> 32) & 0xFFFF != VIRTQ_DESC_F_WRITE or length < hdr or addr < base:
+                self._rx_slow = True
+                break
+            if addr + length > end:
                 self._rx_slow = True
                 break
             off = addr - base
@@ -515,17 +523,15 @@ class Net(ThreadedVirtioDevice):
                 ram[off] = 0  # flags: the guest did not ask for DATA_VALID
             if n <= length:
                 if hdr == 12:
-                    ram[off + 10] = 1  # num_buffers = 1
+                    ram[off + 10] = 1  # num_buffers = 1 (the tap writes only 10 bytes)
                     ram[off + 11] = 0
-                next_avail = (next_avail + 1) & 0xFFFF
-                slot = (next_used & mask) << 1
-                used[slot] = head
-                used[slot + 1] = n
-                next_used = (next_used + 1) & 0xFFFF
+                used[next_used & mask] = head | n << 32
+                next_avail += 1
+                next_used += 1
                 frames += 1
-                nbytes += n - hdr
+                nbytes += n
             elif self._mrg:  # the rest goes into more buffers, copied from the stage
-                next_avail = (next_avail + 1) & 0xFFFF
+                next_avail += 1
                 self._rx_pending = _Merge([view], n - length, 0, [(head, length)])
                 stats.rx_bytes += n - hdr
                 break
@@ -535,9 +541,9 @@ class Net(ThreadedVirtioDevice):
                 stats.rx_dropped += 1
                 self.log.warn("rx frame of %d bytes dropped: receive buffer holds %d", n, length)
         stats.rx_frames += frames  # counters first: a test may read them once it sees used
-        stats.rx_bytes += nbytes
-        queue.next_avail = next_avail
-        ring.publish(queue, next_used)
+        stats.rx_bytes += nbytes - frames * hdr
+        queue.next_avail = next_avail & 0xFFFF
+        ring.publish(queue, next_used & 0xFFFF)
         return None if stop else frames
 
     def _rx_one_chain(self, queue: Queue) -> int | None:

@@ -18,26 +18,24 @@ device keeps ``Queue.next_avail``/``next_used`` in step so ``Queue.pop``,
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from devices.virtio._queue import Queue
     from sys_util import GuestMemory
 
-__all__ = ["DESC", "FastRing"]
-
-#: struct virtq_desc: addr, len, flags, next.
-DESC = struct.Struct("<QIHH")
+__all__ = ["FastRing"]
 
 
 class FastRing:
     """Cached views of a queue's rings and of guest RAM region 0 (built at activation).
 
-    ``avail[1]`` is the driver's avail idx, ``avail[2 + slot]`` a head; ``desc`` the descriptor
-    table as bytes; ``used[2 * slot]``/``used[2 * slot + 1]`` a used element's id and length;
-    ``used_idx[0]`` the used index (one aligned 16-bit store, as ``Queue.add_used`` does);
-    ``ram`` covers guest addresses ``[base, end)``.
+    ``avail[1]`` is the driver's avail idx, ``avail[2 + slot]`` a head; ``desc[2 * i]`` is
+    descriptor ``i``'s address and ``desc[2 * i + 1]`` its ``len | flags << 32 | next << 48``;
+    ``used[slot] = id | len << 32`` writes a used element in one store; ``used_idx[0]`` is the
+    used index (one aligned 16-bit store, as ``Queue.add_used`` does); ``ram`` covers guest
+    addresses ``[base, end)``. (64-bit items halve the per-frame work of struct unpacking and
+    element packing; memoryview reads and writes them with memcpy, so alignment is not needed.)
     """
 
     __slots__ = ("avail", "base", "desc", "end", "mask", "ram", "size", "used", "used_idx")
@@ -48,10 +46,10 @@ class FastRing:
         self.mask = size - 1
         # Queue.activate checked that each ring lies in guest RAM, in one region, aligned.
         self.avail = mem.view(queue.avail_ring, 4 + 2 * size).cast("H")
-        self.desc = mem.view(queue.desc_table, 16 * size)
+        self.desc = mem.view(queue.desc_table, 16 * size).cast("Q")
         used = mem.view(queue.used_ring, 4 + 8 * size)
         self.used_idx = used[2:4].cast("H")
-        self.used = used[4:].cast("I")
+        self.used = used[4:].cast("Q")
         region = mem.regions[0]
         self.base = int(region.guest_base)
         self.end = self.base + region.size
