@@ -7,7 +7,8 @@ inputs. Safe to call from several pytest-xdist workers at once (one builds, the 
     from e2e_tests.kit import ensure_tiny_kernel, ensure_initramfs, kernel_cmdline
     # (the e2e tests put e2e_tests/ on sys.path and say `from kit import ...`)
     vmlinux = ensure_tiny_kernel()             # ELF with a PVH note, ~17 MB
-    initrd = ensure_initramfs("delegate")     # uncompressed cpio, ~2 MB
+    initrd = ensure_initramfs("delegate")     # uncompressed cpio, ~2.7 MB (with vsockcat)
+    net = ensure_initramfs(iperf3=True)        # + Debian's iperf3 and its libraries
 
 ``python -m e2e_tests.kit build`` builds everything ahead of time. See README.md.
 """
@@ -21,6 +22,8 @@ from ._build import (
     ensure_stock_kernel,
     ensure_tiny_bzimage,
     ensure_tiny_kernel,
+    ensure_vsockcat,
+    iperf3_closure,
     make_ext4,
 )
 from ._cache import cache_dir
@@ -48,7 +51,9 @@ __all__ = [
     "ensure_stock_kernel",
     "ensure_tiny_bzimage",
     "ensure_tiny_kernel",
+    "ensure_vsockcat",
     "extract_vmlinux",
+    "iperf3_closure",
     "kernel_cmdline",
     "make_ext4",
     "qemu_command",

@@ -17,6 +17,7 @@ from . import (
     ensure_stock_kernel,
     ensure_tiny_bzimage,
     ensure_tiny_kernel,
+    ensure_vsockcat,
 )
 
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for mode in MODES:
         paths[f"initramfs_{mode}"] = ensure_initramfs(mode)
+    paths["initramfs_iperf3"] = ensure_initramfs("delegate", iperf3=True)
+    paths["vsockcat"] = ensure_vsockcat()
     paths["rootfs_delegate"] = ensure_rootfs("delegate")
     if not args.no_stock:
         stock = ensure_stock_kernel()

@@ -2,7 +2,9 @@
 
 * :func:`ensure_tiny_kernel` -- Debian's ``linux-source-6.1``, ``tinyconfig`` + our fragment +
   three patches, so it boots where guest kernel code is emulated (build-kernel.sh; ~4-11 min).
-* :func:`ensure_initramfs` -- busybox-static + our ``/init`` (guest-init.sh), uncompressed.
+* :func:`ensure_initramfs` -- busybox-static + our ``/init`` (guest-init.sh) + ``vsockcat``,
+  uncompressed; ``iperf3=True`` adds Debian's iperf3 with its shared libraries and loader.
+* :func:`ensure_vsockcat` -- our static AF_VSOCK netcat (tools/vsockcat.c, ``gcc -static``).
 * :func:`ensure_stock_kernel` -- Debian's own ``linux-image-*-cloud-amd64`` (downloaded, not
   installed): its bzImage, the ELF vmlinux extracted from it, and an initramfs that insmods its
   virtio modules. For hosts with real (hardware) KVM: on emulating hosts it cannot boot.
@@ -34,6 +36,8 @@ __all__ = [
     "ensure_stock_kernel",
     "ensure_tiny_bzimage",
     "ensure_tiny_kernel",
+    "ensure_vsockcat",
+    "iperf3_closure",
     "make_ext4",
 ]
 
@@ -50,7 +54,9 @@ _APPLET_LIST = """
 APPLETS = tuple(_APPLET_LIST.split())
 
 _TINY_INPUTS = ["build-kernel.sh", "tiny-guest.config"]
-_INITRAMFS_INPUTS = ["guest-init.sh", "cpio.py", "_build.py"]
+_VSOCKCAT_SRC = "tools/vsockcat.c"
+_INITRAMFS_INPUTS = ["guest-init.sh", "cpio.py", "_build.py", _VSOCKCAT_SRC]
+IPERF3 = Path("/usr/bin/iperf3")
 _STOCK_INPUTS = ["bzimage.py", "modules.py", *_INITRAMFS_INPUTS]
 
 #: The stock kernel's drivers the guest needs (module names as in modules.dep/.modinfo);
@@ -116,11 +122,73 @@ def ensure_tiny_bzimage() -> Path:
     return _ensure_tiny() / "bzImage"
 
 
+# --- guest tools ----------------------------------------------------------------------------
+
+
+def _toolchain() -> str:
+    """What a static build depends on besides the source: gcc and the static libc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise RuntimeError("gcc missing: apt-get install build-essential")
+    version = subprocess.run([gcc, "-dumpfullversion"], capture_output=True, text=True).stdout
+    return f"gcc={version.strip()} libc6-dev={_dpkg_version('libc6-dev')}"
+
+
+def ensure_vsockcat() -> Path:
+    """``vsockcat`` (tools/vsockcat.c) built with ``gcc -static -O2``: a netcat for AF_VSOCK
+    (``connect <cid> <port>`` / ``listen <port>``, half-close, one-line errors). Busybox has no
+    vsock applet, and a static binary is ONE initramfs entry (no libraries to copy)."""
+    toolchain = _toolchain()
+    out = cache_dir() / f"vsockcat-{input_key([_VSOCKCAT_SRC], [toolchain])}"
+    if out.exists():
+        return out
+    with locked(out.name):
+        if not out.exists():
+            log(f"gcc -static {_VSOCKCAT_SRC} -> {out.name}")
+            partial = Path(str(out) + ".partial")
+            proc = subprocess.run(
+                ["gcc", "-static", "-O2", "-s", "-Wall", "-Wextra", "-Werror",
+                 "-o", str(partial), str(KIT_DIR / _VSOCKCAT_SRC)],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                partial.unlink(missing_ok=True)
+                raise RuntimeError(f"building vsockcat failed:\n{proc.stderr.strip()}")
+            partial.replace(out)
+    return out
+
+
+def iperf3_closure(binary: Path = IPERF3) -> dict[str, Path]:
+    """Debian's iperf3 and what it needs to run in the guest: every shared library ``ldd``
+    names and the dynamic loader. Maps each guest path (the path ``ldd`` prints, which is where
+    the loader looks) to the host file whose contents go there (symlinks resolved)."""
+    if not binary.exists():
+        raise RuntimeError(f"{binary} missing: apt-get install iperf3")
+    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ldd {binary}: {proc.stderr.strip() or proc.stdout.strip()}")
+    files = {f"bin/{binary.name}": binary.resolve()}
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if "=>" in line:  # libfoo.so.1 => /lib/x86_64-linux-gnu/libfoo.so.1 (0x...)
+            target = line.split("=>", 1)[1].strip().split(" (", 1)[0]
+            if not target.startswith("/"):
+                raise RuntimeError(f"ldd {binary}: unresolved library: {line}")
+        elif line.startswith("/"):  # the loader: /lib64/ld-linux-x86-64.so.2 (0x...)
+            target = line.split(" (", 1)[0]
+        else:  # linux-vdso.so.1: provided by the kernel
+            continue
+        files[target.lstrip("/")] = Path(target).resolve()
+    return files
+
+
 # --- initramfs ------------------------------------------------------------------------------
 
 
-def busybox_tree(mode: str = "delegate", *, initramfs: bool = True) -> Tree:
-    """The guest's file tree: busybox, applet links, /init, and ``/etc/kit-mode``."""
+def busybox_tree(mode: str = "delegate", *, initramfs: bool = True, iperf3: bool = False) -> Tree:
+    """The guest's file tree: busybox, applet links, /init, ``/etc/kit-mode`` and
+    ``/bin/vsockcat``; with ``iperf3``, also ``/bin/iperf3`` and its libraries (~7 MB: opt-in,
+    because every byte and entry of an initramfs costs the emulated kernel boot time)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if not BUSYBOX.exists():
@@ -133,6 +201,10 @@ def busybox_tree(mode: str = "delegate", *, initramfs: bool = True) -> Tree:
         tree.add_symlink(f"bin/{applet}", "busybox")
     tree.add_file("init", (KIT_DIR / "guest-init.sh").read_bytes(), 0o755)
     tree.add_file("etc/kit-mode", f"{mode}\n".encode())
+    tree.add_file("bin/vsockcat", ensure_vsockcat().read_bytes(), 0o755)
+    if iperf3:
+        for guest_path, host_file in iperf3_closure().items():
+            tree.add_file(guest_path, host_file.read_bytes(), 0o755)
     if initramfs:
         # the kernel opens /dev/console for init before /init can mount devtmpfs
         tree.add_chardev("dev/console", 5, 1, 0o600)
@@ -144,19 +216,24 @@ def busybox_tree(mode: str = "delegate", *, initramfs: bool = True) -> Tree:
     return tree
 
 
-def ensure_initramfs(mode: str = "delegate") -> Path:
+def ensure_initramfs(mode: str = "delegate", *, iperf3: bool = False) -> Path:
     """An uncompressed busybox initramfs whose /init runs ``mode`` (delegate, shell, boot) unless
-    the kernel command line says ``guestmode=`` otherwise."""
+    the kernel command line says ``guestmode=`` otherwise. ``iperf3=True``: with Debian's
+    iperf3 (a separate artefact; see :func:`busybox_tree`)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    key = input_key(_INITRAMFS_INPUTS, [mode, _file_sha(BUSYBOX) if BUSYBOX.exists() else ""])
-    out = cache_dir() / f"initramfs-{mode}-{key}.cpio"
+    extra = [mode, _file_sha(BUSYBOX) if BUSYBOX.exists() else "", _toolchain()]
+    name = f"initramfs-{mode}"
+    if iperf3:
+        extra += [f"{p}={_file_sha(f)}" for p, f in sorted(iperf3_closure().items())]
+        name += "-iperf3"
+    out = cache_dir() / f"{name}-{input_key(_INITRAMFS_INPUTS, extra)}.cpio"
     if out.exists():
         return out
     with locked(out.name):
         if not out.exists():
             log(f"writing {out.name}")
-            busybox_tree(mode).write_cpio(out)
+            busybox_tree(mode, iperf3=iperf3).write_cpio(out)
     return out
 
 
