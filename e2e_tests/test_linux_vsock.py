@@ -105,14 +105,16 @@ class LinuxVsockVm(CrosvmLinux):
 
 @pytest.fixture
 def vm(host_profile: HostProfile, tmp_path: Path) -> Iterator[LinuxVsockVm]:
-    # /tmp/pytest-of-root/... is deep: keep <uds>_<port> under the 108-byte sun_path limit
-    with LinuxVsockVm(tmp_path, 160 if host_profile.emulating else 320) as guest:
+    guest = LinuxVsockVm(tmp_path, 160 if host_profile.emulating else 320)
+    try:
         try:
             seconds = guest.wait_ready(host_profile.scale(180))
         except TimeoutError as err:
             pytest.fail(f"no GUEST-INIT-READY: {err}{guest.context()}")
         print(f"GUEST-INIT-READY after {seconds:.1f} s")
         yield guest
+    finally:
+        guest.close()
 
 
 def _wait_listening(vm: LinuxVsockVm, port: int, job: Future[CommandResult], t: float) -> None:
