@@ -68,7 +68,7 @@ RX_BATCH = 64
 #: Transmitted frames completed per used-ring publish (and interrupt check).
 TX_BATCH = 64
 #: How long the transmit side watches an empty ring before it sleeps (see Net._tx_poll).
-TX_POLL_SECONDS = float(os.environ.get("PYCROSVM_NET_TX_POLL_US", "50")) / 1e6
+TX_POLL_SECONDS = 50e-6
 #: More segments than this in one chain is refused (the kernel's UIO_MAXIOV is 1024, and one
 #: slot is the overflow buffer).
 MAX_SEGMENTS = 1000
