@@ -29,6 +29,7 @@ from sys_util._signal import (
 )
 from sys_util._terminal import RawTerminal, restore_mode, set_raw_mode
 from sys_util._timerfd import TimerFd
+from sys_util._uring import IoUring, uring_supported
 from sys_util.errors import Error, GuestMemoryError, InvalidArgument, MessageTruncated
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "GuestMemory",
     "GuestMemoryError",
     "InvalidArgument",
+    "IoUring",
     "MemoryMapping",
     "MemoryRegion",
     "MessageTruncated",
@@ -75,5 +77,6 @@ __all__ = [
     "set_raw_mode",
     "signals_blocked",
     "unblock_signals",
+    "uring_supported",
     "write_zeroes",
 ]
