@@ -5,6 +5,7 @@ more (checked on the compiled program, and in a real jail for vsock's one host p
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 from collections.abc import Iterator
@@ -251,3 +252,45 @@ def test_jailed_vsock_policy_reaches_only_its_bound_directory(
     finally:
         for listener in listeners:
             listener.close()
+
+
+def _jailed_pid(proxy_pid: int) -> int:
+    """The device process: the child of the intermediate process ``ProxyDevice.pid`` names."""
+    kids = Path(f"/proc/{proxy_pid}/task/{proxy_pid}/children").read_text().split()
+    return int(kids[0]) if kids else proxy_pid
+
+
+@pytest.mark.root
+def test_jailed_vsock_keeps_only_its_listener_eventfds_memory_and_sockets(
+    mem: GuestMemory, tmp_path: Path
+) -> None:
+    from devices.virtio import VirtioPciDevice
+    from devices.virtio.vsock import Vsock
+
+    path = tmp_path / "vm.vsock"
+    with Sandbox() as sb:
+        proxy = sb.sandboxed(
+            lambda ctx: VirtioPciDevice(Vsock(3, path), ctx.memory, msix_router=ctx.irq_router),
+            "vsock_device",
+            bind_mounts=[(str(tmp_path), str(tmp_path), True)],
+        )(Ctx(mem, FakeIrqRouter()))
+        sb.start()
+        assert proxy.pid is not None
+        assert proxy.read_config_register(0) & 0xFFFF == 0x1AF4  # served by the jail
+        pid = _jailed_pid(proxy.pid)
+        links = {
+            fd.name: os.readlink(fd)
+            for fd in Path(f"/proc/{pid}/fd").iterdir()
+            if fd.name not in ("0", "1", "2")
+        }
+        kinds = {link.split(":")[0] if ":" in link else link for link in links.values()}
+        assert kinds <= {"socket", "anon_inode", "/memfd"}, links
+        memfds = {link for link in links.values() if link.startswith("/memfd:")}
+        assert len(memfds) == 1, links  # guest memory only (its fd may be kept twice)
+        assert not any(link.startswith("/") and not link.startswith("/memfd:")
+                       for link in links.values()), links  # fmt: skip
+        # The root it sees: only the bind-mounted socket directory, at its own path.
+        root = Path(f"/proc/{pid}/root")
+        assert sorted(p.name for p in root.iterdir()) == [tmp_path.parts[1]]
+        assert (root / str(path).lstrip("/")).exists()
+    assert not path.exists()  # the main process removed the socket
