@@ -81,6 +81,20 @@ def _echo(sock: socket.socket, data: bytes) -> bytes:
     return bytes(got)
 
 
+def _assert_same(got: bytes, want: bytes, context: str = "") -> None:
+    """Equal bytes; otherwise say where they part (lost, reordered or corrupted data)."""
+    if got == want:
+        return
+    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    if at is None:
+        at = min(len(got), len(want))
+    found = want.find(got[at : at + 64]) if at < len(got) else -1
+    pytest.fail(
+        f"{len(got)} bytes, want {len(want)}; first difference at {at}; the bytes there are "
+        f"the expected stream's at {found}\n{context[-3000:]}"
+    )
+
+
 @pytest.mark.parametrize("size", [1 << 20, 4 << 20])
 def test_host_to_guest_echo_matches_sha256(size: int) -> None:
     cid = _cid()
@@ -93,10 +107,11 @@ def test_host_to_guest_echo_matches_sha256(size: int) -> None:
             data = os.urandom(size) + b"END\n"
             echoed = _echo(sock, data)
         result = vm.wait(TIMEOUT).check()
-    assert hashlib.sha256(echoed).hexdigest() == hashlib.sha256(data).hexdigest()
+    _assert_same(echoed, data, result.output + result.stderr)
     row = result.find("vsock_cid")
     assert row["vsock_cid"] == str(cid)
     assert int(row["vsock_rx"]) == int(row["vsock_tx"]) == len(data)
+    assert row["rst"] == "1"  # the device confirmed the close after the last byte was out
     assert not path.exists()  # crosvm removed its socket on exit
 
 

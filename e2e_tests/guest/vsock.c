@@ -164,6 +164,30 @@ static u32 conn_credit(const struct vconn *c) {
     return in_flight >= c->peer_alloc ? 0 : c->peer_alloc - in_flight;
 }
 
+/* After our SHUTDOWN: wait for the peer's RST (5.10.6.6), which our device sends only once
+ * everything we sent reached the host. Returns 1 if it came; otherwise we reset. */
+static int wait_rst(struct vconn *c, u32 *peer_shut) {
+    u64 t0 = rdtsc(), limit = tsc_ms(cmdline_u64("rst_wait_ms", 10000));
+    while (rdtsc() - t0 < limit) {
+        struct vsock_hdr h;
+        u8 *b = rx_get(&h);
+        if (!b) {
+            tx_reclaim();
+            cpu_relax();
+            continue;
+        }
+        int ours = h.dst_port == c->lport && h.src_port == c->pport;
+        u16 op = h.op;
+        if (ours && op == OP_SHUTDOWN) *peer_shut |= h.flags & (SHUT_RCV | SHUT_SEND);
+        if (ours && op == OP_RW && h.len) fail("vsock: %u data bytes after we shut down", h.len);
+        if (!ours) reply_rst(&h);
+        rx_put(b);
+        if (ours && op == OP_RST) return 1;
+    }
+    conn_ctrl(c, OP_RST, 0);
+    return 0;
+}
+
 /* The device may have at most buf_alloc bytes unconsumed by our last advertised fwd_cnt. */
 static void check_credit(const struct vconn *c, u32 plen) {
     u32 unacked = (u32)c->rx_total - c->fwd_sent; /* received but not yet told consumed */
@@ -187,7 +211,8 @@ void sc_vsock_echo(void) {
     u32 p_head = 0, p_len = 0;
     printf("READY vsock-echo cid=%lu port=%u\n", (unsigned long)my_cid, port);
     struct vconn c = {.lport = port, .buf_alloc = buf_alloc};
-    int connected = 0, done = 0, end_seen = 0, credit_asked = 0;
+    int connected = 0, done = 0, end_seen = 0, credit_asked = 0, rst = 0;
+    u32 peer_shut = 0;
     u8 tail[4] = {0};
     u64 deadline = rdtsc() + tsc_ms(cmdline_u64("timeout_ms", 30000));
     while (!done) {
@@ -237,6 +262,7 @@ void sc_vsock_echo(void) {
                 done = 1;
                 break;
             case OP_RST:
+                rst = 1;
                 done = 1;
                 break;
             default:
@@ -265,13 +291,14 @@ void sc_vsock_echo(void) {
         }
         if (end_seen && !p_len && !done) {
             conn_ctrl(&c, OP_SHUTDOWN, SHUT_RCV | SHUT_SEND);
+            rst = wait_rst(&c, &peer_shut);
             done = 1;
         }
     }
     u64 t0 = rdtsc();
     while (tx_nfree != txq->size && rdtsc() - t0 < tsc_ms(2000)) tx_reclaim();
-    printf("RESULT vsock_cid=%lu vsock_rx=%lu vsock_tx=%u\n", (unsigned long)my_cid,
-           (unsigned long)c.rx_total, c.tx_cnt);
+    printf("RESULT vsock_cid=%lu vsock_rx=%lu vsock_tx=%u rst=%d\n", (unsigned long)my_cid,
+           (unsigned long)c.rx_total, c.tx_cnt, rst);
 }
 
 /* ---- vsock-connect ------------------------------------------------------------------------- */
@@ -412,26 +439,8 @@ void sc_vsock_connect(void) {
         }
         /* Both directions shut: the peer's RST ends it; if it never comes, we reset. */
         if (our_shut && (peer_shut & SHUT_SEND || our_shut == (SHUT_RCV | SHUT_SEND))) {
-            u64 t0 = rdtsc();
-            while (state != CLOSED && rdtsc() - t0 < tsc_ms(cmdline_u64("rst_wait_ms", 2000))) {
-                if (!(b = rx_get(&h))) {
-                    cpu_relax();
-                    continue;
-                }
-                if (h.dst_port == c.lport && h.src_port == c.pport && h.op == OP_RST) {
-                    rst_rcvd = 1;
-                    state = CLOSED;
-                } else if (h.dst_port == c.lport && h.src_port == c.pport && h.op == OP_SHUTDOWN) {
-                    peer_shut |= h.flags & (SHUT_RCV | SHUT_SEND);
-                } else if (h.dst_port == c.lport && h.src_port == c.pport && h.op == OP_RW) {
-                    fail("vsock-connect: %u data bytes after both sides shut down", h.len);
-                }
-                rx_put(b);
-            }
-            if (state != CLOSED) {
-                conn_ctrl(&c, OP_RST, 0);
-                state = CLOSED;
-            }
+            rst_rcvd = wait_rst(&c, &peer_shut);
+            state = CLOSED;
         }
         if (!progress) {
             tx_reclaim();
