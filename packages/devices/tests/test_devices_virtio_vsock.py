@@ -653,3 +653,159 @@ def test_incomplete_handshake_does_not_spin_and_times_out(guest: Guest, uds: str
         assert any(getattr(o, "partial", b"") for o in list(guest.dev._by_token.values()))
         assert_closed(sock)  # ... and the socket is dropped after connect_timeout (1 s here)
     assert guest.dev.stats["handshake_timeout"] == 1
+
+
+# -- batched data path ---------------------------------------------------------------------------
+
+
+def _send_batch(g: Guest, packets: list[bytes]) -> None:
+    """Publish several raw tx packets, then kick once (the device sees them as one run)."""
+    heads = [g.tx.add_request([p], publish=False).head for p in packets]
+    for head in heads:
+        g.tx.publish(head)
+    g.tx.kick(g.evts[1])
+
+
+def _connect_keeping_buffers(g: Guest, uds: str) -> tuple[socket.socket, int]:
+    """host_connect that does not post a replacement for the buffer the REQUEST used."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(uds)
+    sock.sendall(f"CONNECT {GUEST_PORT}\n".encode())
+    h, _ = g.recv(repost=False)
+    assert h.op == Op.REQUEST
+    g.send(Op.RESPONSE, GUEST_PORT, h.src_port)
+    line = b""
+    while not line.endswith(b"\n"):
+        line += sock.recv(1)
+    assert line == f"OK {h.src_port}\n".encode()
+    return sock, h.src_port
+
+
+def _rw(g: Guest, src: int, dst: int, payload: bytes) -> bytes:
+    h = Header(CID, HOST_CID, src, dst, len(payload), TYPE_STREAM, Op.RW, 0, g.buf_alloc, 0)
+    return pack_header(h) + payload
+
+
+def test_one_read_fills_many_small_rx_buffers_in_order_up_to_the_credit(uds: str) -> None:
+    """Eight 1000-byte buffers and 5000 bytes of credit: one host write is spread over the
+    buffers in order, stops exactly at the credit, and the unused buffers serve later packets.
+    """
+    g = Guest(Vsock(CID, uds), buf_alloc=5000, rx_buffers=0)
+    try:
+        g.post_rx(8, HDR_SIZE + 1000)
+        sock, local = _connect_keeping_buffers(g, uds)
+        payload = os.urandom(12_000)
+        with sock:
+            sock.sendall(payload)
+            got = bytearray()
+            while len(got) < 5000:
+                h, data = g.recv(repost=False)
+                assert h.op == Op.RW and h.len == len(data) <= 1000
+                assert (h.src_port, h.dst_port, h.buf_alloc) == (local, GUEST_PORT, g.dev.buf_alloc)
+                got += data
+            assert len(got) == 5000 and g.nothing_for(0.2)  # credit exhausted, nothing more
+            assert g.dev.stats["host_reads"] < 5  # not one read per buffer
+            g.fwd_cnt = 5000
+            g.send(Op.CREDIT_UPDATE, GUEST_PORT, local)
+            g.post_rx(8, HDR_SIZE + 1000)
+            while len(got) < len(payload):
+                h, data = g.recv()
+                if h.op == Op.RW:
+                    got += data
+                    g.fwd_cnt += len(data)
+                    g.send(Op.CREDIT_UPDATE, GUEST_PORT, local)
+            assert bytes(got) == payload
+    finally:
+        g.close()
+
+
+def test_rx_buffers_with_the_header_split_across_descriptors(uds: str) -> None:
+    """Header in 20 + 24 bytes, payload in two more descriptors (older Linux drivers split)."""
+    g = Guest(Vsock(CID, uds), rx_buffers=0)
+    try:
+        for _ in range(8):
+            chain = g.rx.add_request((), [20, 24, 100, 3000])
+            g.posted[chain.head] = chain
+        g.rx.kick(g.evts[0])
+        sock, _ = _connect_keeping_buffers(g, uds)
+        with sock:
+            payload = os.urandom(3100 * 3)
+            sock.sendall(payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                h, data = g.recv(repost=False)
+                assert h.op == Op.RW and h.dst_port == GUEST_PORT and len(data) <= 3100
+                got += data
+            assert bytes(got) == payload
+    finally:
+        g.close()
+
+
+def test_guest_packets_with_split_header_and_payload_reach_the_host(guest: Guest, uds: str) -> None:
+    sock, local = host_connect(guest, uds)
+    with sock:
+        payload = os.urandom(5000)
+        h = Header(CID, HOST_CID, GUEST_PORT, local, 5000, TYPE_STREAM, Op.RW, 0, 65536, 0)
+        raw = pack_header(h)
+        guest.tx.add_request([raw[:10], raw[10:], payload[:1234], payload[1234:]])
+        guest.tx.kick(guest.evts[1])
+        assert read_exact(sock, 5000) == payload
+
+
+def test_a_run_of_guest_packets_keeps_order_across_connections_and_shutdown(
+    guest: Guest, uds: str
+) -> None:
+    """RW runs for two connections interleaved with a SHUTDOWN: each host socket gets its own
+    bytes in order, and the SHUTDOWN(SEND) takes effect only after the data before it.
+    """
+    a, la = host_connect(guest, uds)
+    b, lb = host_connect(guest, uds)
+    with a, b:
+        chunks = [os.urandom(3000) for _ in range(12)]
+        packets = [_rw(guest, GUEST_PORT, la, c) for c in chunks[:5]]
+        packets += [_rw(guest, GUEST_PORT, lb, c) for c in chunks[5:8]]
+        packets += [_rw(guest, GUEST_PORT, la, c) for c in chunks[8:10]]
+        shut = Header(CID, HOST_CID, GUEST_PORT, la, 0, TYPE_STREAM, Op.SHUTDOWN, 2, 65536, 0)
+        packets.append(pack_header(shut))
+        packets += [_rw(guest, GUEST_PORT, lb, c) for c in chunks[10:]]
+        _send_batch(guest, packets)
+        assert read_exact(a, 7 * 3000) == b"".join(chunks[:5] + chunks[8:10])
+        assert a.recv(10) == b""  # EOF after exactly the data sent before the SHUTDOWN
+        assert read_exact(b, 5 * 3000) == b"".join(chunks[5:8] + chunks[10:])
+        assert guest.dev.stats["bad_packet"] == 0
+        assert guest.dev.stats["host_writes"] <= 4  # one sendmsg per run, not per packet
+
+
+def test_credit_overrun_inside_a_run_is_reset_after_the_bytes_before_it(
+    guest: Guest, uds: str
+) -> None:
+    """The host reads nothing; in runs of packets the one that overruns our buffer resets the
+    connection, and what the host then reads is an unbroken prefix of the guest's stream.
+    """
+    sock, local = host_connect(guest, uds)
+    with sock:
+        chunk = os.urandom(60_000)
+        base = guest.tx.used_idx()
+        sent = 0
+        for _ in range(2 * guest.dev.buf_alloc // (8 * len(chunk)) + 2):
+            _send_batch(guest, [_rw(guest, GUEST_PORT, local, chunk)] * 8)
+            sent += 8
+            deadline = time.monotonic() + 5
+            while (guest.tx.used_idx() - base) & 0xFFFF != sent and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if guest.dev.stats["credit_violation"]:
+                break
+        assert guest.dev.stats["credit_violation"] == 1
+        ops = []
+        while guest.pending() or Op.RST not in ops:
+            ops.append(guest.recv()[0].op)
+        assert Op.RST in ops and guest.dev.connection_count() == 0
+        got = bytearray()
+        try:
+            while data := sock.recv(1 << 16):
+                got += data
+        except ConnectionResetError:
+            pass
+        assert len(got) > 0
+        assert got == (chunk * (len(got) // len(chunk) + 1))[: len(got)]

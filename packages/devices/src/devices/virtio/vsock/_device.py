@@ -525,6 +525,7 @@ class Vsock(ThreadedVirtioDevice):
                 room += take
             if not batch:
                 break
+            self.stats["host_reads"] += 1
             try:
                 if len(iovecs) == 1:
                     got = sock.recv_into(iovecs[0])
@@ -717,6 +718,7 @@ class Vsock(ThreadedVirtioDevice):
                 conn.out += view
             self._flush_out(conn)
             return
+        self.stats["host_writes"] += 1
         try:
             sent = conn.sock.sendmsg(views, [], _MSG_NOSIGNAL)
         except BlockingIOError:
