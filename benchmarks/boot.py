@@ -241,6 +241,16 @@ def sandbox_compare(runs: int, mem: int) -> int:
             target = f"  (target <= {SANDBOX_TARGET:.2f}x: {'met' if met else 'MISSED'})"
         print(f"  {attr:10s} sandboxed {sb} {unit}  --disable-sandbox {nosb} {unit}  "
               f"ratio {ratio(sb, nosb)}{target}")  # fmt: skip
+    # Each round's pair ran back to back: their ratio is less exposed to slow load drifts.
+    pairs = [
+        (s.exit / n.exit)
+        for s, n in zip(results[0::2], results[1::2], strict=True)
+        if s.exit and n.exit and s.ready is not None and n.ready is not None
+    ]
+    if pairs:
+        shown = " ".join(f"{p:4.2f}x" for p in pairs)
+        print(f"  exit, per round (sandboxed / --disable-sandbox): {shown}; "
+              f"median {statistics.median(pairs):4.2f}x")  # fmt: skip
     if any(b.vmm == "sandboxed" and b.jailed < 3 for b in results):
         print("  a sandboxed run did not jail disk, rng and balloon")
         status = 1
