@@ -809,3 +809,36 @@ def test_credit_overrun_inside_a_run_is_reset_after_the_bytes_before_it(
             pass
         assert len(got) > 0
         assert got == (chunk * (len(got) // len(chunk) + 1))[: len(got)]
+
+
+def test_chains_of_more_segments_than_one_syscall_takes(uds: str) -> None:
+    """1500-segment chains (indirect) both ways: more iovecs than the kernel accepts at once
+    must cost a shorter packet or a copy, never the connection.
+    """
+    g = Guest(Vsock(CID, uds), rx_buffers=1)
+    try:
+        sock, local = _connect_keeping_buffers(g, uds)
+        with sock:
+            chain = g.rx.add_request((), [HDR_SIZE] + [2] * 1500, indirect=True)
+            g.posted[chain.head] = chain
+            g.rx.kick(g.evts[0])
+            payload = os.urandom(5000)
+            sock.sendall(payload)
+            h, data = g.recv(repost=False)
+            assert h.op == Op.RW and 0 < len(data) <= 2048 and data == payload[: len(data)]
+            g.post_rx(4)
+            got = bytearray(data)
+            while len(got) < len(payload):
+                h, data = g.recv()
+                got += data
+            assert bytes(got) == payload
+            out = os.urandom(1500)
+            hdr = Header(CID, HOST_CID, GUEST_PORT, local, 1500, TYPE_STREAM, Op.RW, 0, 65536, 0)
+            g.tx.add_request(
+                [pack_header(hdr), *(out[i : i + 1] for i in range(1500))], indirect=True
+            )
+            g.tx.kick(g.evts[1])
+            assert read_exact(sock, 1500) == out
+            assert g.dev.connection_count() == 1
+    finally:
+        g.close()

@@ -81,6 +81,8 @@ PUMP_BUDGET = 1 << 20
 RX_BATCH = 64
 #: Most iovecs / bytes of guest data gathered for one sendmsg to a host socket.
 TX_BATCH_IOVECS = 512
+#: The kernel's limit on iovecs per call (UIO_MAXIOV); chains with more segments are cut/copied.
+_IOV_MAX = 1024
 TX_BATCH_BYTES = 1 << 20
 _U32 = 0xFFFF_FFFF
 _CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})\r?")
@@ -507,6 +509,12 @@ class Vsock(ThreadedVirtioDevice):
                 if chain is None:
                     break
                 hdr, payload, avail = layout(chain)
+                if len(iovecs) + len(payload) > _IOV_MAX:
+                    if batch:  # next time, in a batch of its own
+                        self._rx_spare.appendleft(chain)
+                        break
+                    payload = payload[:_IOV_MAX]  # a chain of a thousand tiny segments
+                    avail = sum(len(view) for view in payload)
                 take = min(avail, MAX_PACKET_PAYLOAD, credit - room)
                 if take <= 0:  # a header-only buffer: keep it for a control packet
                     self._rx_spare.appendleft(chain)
@@ -679,7 +687,7 @@ class Vsock(ThreadedVirtioDevice):
         if n > conn.our_free() - batched:
             return False  # a credit violation: the slow path resets the connection
         if self._txb_conn is not conn or (
-            len(self._txb_views) >= TX_BATCH_IOVECS or self._txb_len >= TX_BATCH_BYTES
+            len(self._txb_views) + len(views) > TX_BATCH_IOVECS or self._txb_len >= TX_BATCH_BYTES
         ):
             self._txb_flush()
             self._txb_conn = conn
@@ -719,6 +727,8 @@ class Vsock(ThreadedVirtioDevice):
             self._flush_out(conn)
             return
         self.stats["host_writes"] += 1
+        if len(views) > _IOV_MAX:  # only a guest splitting packets into tiny segments
+            views = [memoryview(b"".join(views))]
         try:
             sent = conn.sock.sendmsg(views, [], _MSG_NOSIGNAL)
         except BlockingIOError:
