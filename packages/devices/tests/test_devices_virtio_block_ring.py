@@ -139,12 +139,21 @@ def test_bad_requests_in_a_batch_fail_alone(ring: Ring, image: Path) -> None:
     assert after[: 16 * 512] == content[: 16 * 512] and after[17 * 512 :] == content[17 * 512 :]
 
 
-def test_discard_waits_for_the_writes_queued_before_it(ring: Ring, image: Path) -> None:
+@pytest.mark.parametrize("one_descriptor", [False, True])
+def test_discard_waits_for_the_writes_queued_before_it(
+    ring: Ring, image: Path, one_descriptor: bool
+) -> None:
     """Write then discard the same range in one batch: the discard is a barrier, so the range
-    must end up zero (were it run first, the write would survive)."""
+    must end up zero (were it run first, the write would survive). Also when the discard's
+    header and segment share one descriptor (a layout the fast path does not take)."""
     for i in range(16):
         ring.add(VIRTIO_BLK_T_OUT, i * 8, os.urandom(4096))
-    ring.add(VIRTIO_BLK_T_DISCARD, data=SEG.pack(0, 16 * 8, 0))
+    segment = SEG.pack(0, 16 * 8, 0)
+    if one_descriptor:
+        header = HDR.pack(VIRTIO_BLK_T_DISCARD, 0, 0)
+        ring.chains.append(ring.drv.add_request([header + segment], [1]))
+    else:
+        ring.add(VIRTIO_BLK_T_DISCARD, data=segment)
     assert all(r[0] == VIRTIO_BLK_S_OK for r in ring.run())
     assert image.read_bytes()[: 16 * 4096] == bytes(16 * 4096)
 

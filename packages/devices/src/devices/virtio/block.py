@@ -82,6 +82,8 @@ _REQ_HEADER = struct.Struct("<IIQ")
 #: What a request on the ring carries: its chain, the guest address of its status byte, and the
 #: bytes written into the chain when it succeeds (data + status).
 _Token = tuple[DescriptorChain, int, int]
+#: Requests that must not start before everything queued ahead of them finished.
+_BARRIERS = (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES)
 #: Requests of one batch served at once: preadv/pwritev release the GIL, so a guest with a deep
 #: queue keeps the disk busy instead of waiting for one request at a time.
 IO_WORKERS = 4
@@ -281,37 +283,42 @@ class Block(ThreadedVirtioDevice):
     def _start(self, ring: RingIo[_Token], queue: Queue, chain: DescriptorChain) -> None:
         """Queue a well-formed read, write or flush on the ring; serve anything else (and
         anything malformed, or anything the full ring refuses) in place, exactly as the
-        synchronous path does."""
-        room = chain.writable_len
-        req_type = self._request_type(chain) if room >= 1 else None
-        if req_type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH):
-            last_addr, last_len = chain.writable[-1]
-            status_addr = last_addr + last_len - 1
-            if req_type == VIRTIO_BLK_T_FLUSH:
-                if not self._read_only and ring.flush((chain, status_addr, 1)):
+        synchronous path does.
+
+        Only the layout every driver uses is taken here: the 16-byte header alone in the first
+        descriptor, the status byte last. Everything else goes the general way.
+        """
+        readable, writable, ram = chain.readable, chain.writable, chain.ram
+        if readable and writable and readable[0][1] == _REQ_HEADER.size:
+            header = ram.views(readable[0][0], _REQ_HEADER.size)
+            if len(header) == 1:
+                req_type, _reserved, sector = _REQ_HEADER.unpack(header[0])
+                last_addr, last_len = writable[-1]
+                status_addr = last_addr + last_len - 1
+                if req_type == VIRTIO_BLK_T_IN:
+                    length = chain.writable_len - 1
+                    offset = self._check_range(sector, length)
+                    if offset is not None and length:
+                        segs = writable[:-1]
+                        if last_len > 1:
+                            segs.append((last_addr, last_len - 1))
+                        iovecs = [v for addr, n in segs for v in ram.views(addr, n)]
+                        if ring.read((chain, status_addr, length + 1), iovecs, offset, length):
+                            return
+                elif req_type == VIRTIO_BLK_T_OUT and not self._read_only:
+                    length = chain.readable_len - _REQ_HEADER.size
+                    offset = self._check_range(sector, length)
+                    if offset is not None and length:
+                        iovecs = [v for addr, n in readable[1:] for v in ram.views(addr, n)]
+                        if ring.write((chain, status_addr, 1), iovecs, offset, length):
+                            return
+                elif (
+                    req_type == VIRTIO_BLK_T_FLUSH
+                    and not self._read_only
+                    and ring.flush((chain, status_addr, 1))
+                ):
                     return
-            elif req_type == VIRTIO_BLK_T_IN:
-                reader = chain.reader()
-                sector = _REQ_HEADER.unpack(reader.read_exact(_REQ_HEADER.size))[2]
-                length = room - 1
-                offset = self._check_range(sector, length)
-                if offset is not None and length:
-                    data_segs = chain.writable[:-1]
-                    if last_len > 1:
-                        data_segs.append((last_addr, last_len - 1))
-                    iovecs = Writer(chain.ram, data_segs, length).get_iovecs(length)
-                    if ring.read((chain, status_addr, room), iovecs, offset, length):
-                        return
-            elif not self._read_only:
-                reader = chain.reader()
-                sector = _REQ_HEADER.unpack(reader.read_exact(_REQ_HEADER.size))[2]
-                length = reader.available_bytes()
-                offset = self._check_range(sector, length)
-                if offset is not None and length:
-                    iovecs = reader.get_iovecs(length)
-                    if ring.write((chain, status_addr, 1), iovecs, offset, length):
-                        return
-        elif req_type in (VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES):
+        if ring.in_flight and self._request_type(chain) in _BARRIERS:
             # An ordering barrier: what was queued before must reach the disk first.
             self._publish(queue, ring.wait_all())
         queue.add_used(chain.head, self.handle_request(chain))
