@@ -308,7 +308,8 @@ def _jailed_device_pids(vmm_pid: int) -> list[int]:
 
 def test_devices_run_jailed_and_a_dead_device_ends_the_vm(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "j.img", 2 << 20)
-    argv = [CROSVM, "run", "--no-rng", "--no-balloon", "-d", str(disk), "-p", "scenario=serial-echo"]
+    argv = [CROSVM, "run", "--no-rng", "--no-balloon", "-d", str(disk),
+            "-p", "scenario=serial-echo"]  # fmt: skip
     from fixture import GuestVm, build_guest
 
     with GuestVm([*argv, str(build_guest())]) as vm:
