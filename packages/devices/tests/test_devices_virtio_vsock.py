@@ -842,3 +842,40 @@ def test_chains_of_more_segments_than_one_syscall_takes(uds: str) -> None:
             assert g.dev.connection_count() == 1
     finally:
         g.close()
+
+
+def test_buffers_held_back_after_a_short_read_still_take_later_data(uds: str) -> None:
+    """A read that used one of four popped buffers keeps the other three: with no buffer left
+    on the ring the device must still watch the socket and fill them when more data comes.
+    """
+    g = Guest(Vsock(CID, uds), rx_buffers=0)
+    try:
+        g.post_rx(5)
+        sock, _ = _connect_keeping_buffers(g, uds)
+        with sock:
+            for i in range(3):
+                sock.sendall(bytes([i]) * 100)
+                h, data = g.recv(repost=False)
+                assert (h.op, data) == (Op.RW, bytes([i]) * 100)
+    finally:
+        g.close()
+
+
+def test_header_only_rx_buffers_carry_credit_updates_instead_of_spinning(uds: str) -> None:
+    g = Guest(Vsock(CID, uds), rx_buffers=0)
+    try:
+        g.post_rx(1)
+        sock, _ = _connect_keeping_buffers(g, uds)
+        with sock:
+            sock.sendall(b"waiting")
+            time.sleep(0.1)
+            g.post_rx(3, HDR_SIZE)
+            for _ in range(3):
+                h, data = g.recv(repost=False)
+                assert (h.op, data) == (Op.CREDIT_UPDATE, b"")
+            assert g.nothing_for(0.1)
+            g.post_rx(1)
+            h, data = g.recv(repost=False)
+            assert (h.op, data) == (Op.RW, b"waiting")
+    finally:
+        g.close()

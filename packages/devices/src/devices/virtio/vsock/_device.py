@@ -348,6 +348,17 @@ class Vsock(ThreadedVirtioDevice):
 
     # -- rx queue: packets to the guest ----------------------------------------------------
 
+    def _unpop_rx(self, chains: Sequence[DescriptorChain]) -> None:
+        """Keep popped rx chains for the next packet, first in line, in their order.
+
+        Holding buffers means we are not starved: sockets must stay watched, or a guest whose
+        every buffer sits here would wait for data we never read.
+        """
+        self._rx_spare.extendleft(reversed(chains))
+        if chains and self._rx_starved:
+            self._rx_starved = False
+            self._refresh_all_interest()
+
     def _pop_rx(self) -> DescriptorChain | None:
         if self._rx_spare:
             return self._rx_spare.popleft()
@@ -511,14 +522,19 @@ class Vsock(ThreadedVirtioDevice):
                 hdr, payload, avail = layout(chain)
                 if len(iovecs) + len(payload) > _IOV_MAX:
                     if batch:  # next time, in a batch of its own
-                        self._rx_spare.appendleft(chain)
+                        self._unpop_rx([chain])
                         break
                     payload = payload[:_IOV_MAX]  # a chain of a thousand tiny segments
                     avail = sum(len(view) for view in payload)
+                if not avail:  # a header-only buffer: it can carry a credit update
+                    if batch:
+                        self._unpop_rx([chain])  # first in the next batch
+                        break
+                    self._write_header(hdr, conn, _OP_CREDIT_UPDATE, 0, 0)
+                    queue.add_used(chain.head, HDR_SIZE)
+                    self._rx_dirty = True
+                    continue
                 take = min(avail, MAX_PACKET_PAYLOAD, credit - room)
-                if take <= 0:  # a header-only buffer: keep it for a control packet
-                    self._rx_spare.appendleft(chain)
-                    break
                 if take < avail:  # only part of the buffer: cut the iovecs to ``take``
                     cut, left = [], take
                     for view in payload:
@@ -548,7 +564,7 @@ class Vsock(ThreadedVirtioDevice):
                 queue.add_used(chain.head, HDR_SIZE)
                 self._rx_dirty = True
                 self.stats["sent_RST"] += 1
-                self._rx_spare.extendleft(c for c, _, _ in reversed(batch[1:]))
+                self._unpop_rx([c for c, _, _ in batch[1:]])
                 self._drop(conn)
                 return
             if got <= 0:
@@ -560,7 +576,7 @@ class Vsock(ThreadedVirtioDevice):
                     self._rx_dirty = True
                     self.stats["sent_SHUTDOWN"] += 1
                     batch = batch[1:]
-                self._rx_spare.extendleft(c for c, _, _ in reversed(batch))
+                self._unpop_rx([c for c, _, _ in batch])
                 conn.host_pending = False
                 break
             left = got
@@ -570,7 +586,7 @@ class Vsock(ThreadedVirtioDevice):
                 queue.add_used(chain.head, HDR_SIZE + n)
                 left -= n
                 if not left:
-                    self._rx_spare.extendleft(c for c, _, _ in reversed(batch[i + 1 :]))
+                    self._unpop_rx([c for c, _, _ in batch[i + 1 :]])
                     break
             self._rx_dirty = True
             conn.tx_cnt = (conn.tx_cnt + got) & _U32
