@@ -31,14 +31,24 @@ from fixture import HostProfile
 from kit import (
     CommandResult,
     GuestConsole,
+    busybox_tree,
     ensure_initramfs,
     ensure_tiny_kernel,
+    iperf3_closure,
     kernel_cmdline,
     stop_guest_process,
 )
 from test_crosvm_net import GUEST_MAC, HOST_IP, Netns, tap_args
 
-pytestmark = [pytest.mark.kvm, pytest.mark.root, pytest.mark.linux, pytest.mark.slow]
+#: the marks of every test here that boots the guest (the closure check below needs none)
+LINUX_VM = (pytest.mark.kvm, pytest.mark.root, pytest.mark.linux, pytest.mark.slow)
+
+
+def linux_vm(test: Any) -> Any:
+    for mark in LINUX_VM:
+        test = mark(test)
+    return test
+
 
 _VENV_CROSVM = Path(sys.executable).with_name("crosvm")
 CROSVM = str(_VENV_CROSVM) if _VENV_CROSVM.exists() else (shutil.which("crosvm") or "crosvm")
@@ -166,6 +176,29 @@ def iperf3_client(
     return report
 
 
+def test_iperf3_closure_runs_from_the_initramfs_tree(tmp_path: Path) -> None:
+    """The kit's iperf3 tree is self-contained: its loader, given only the tree's library
+    directory, resolves every library inside the tree and runs iperf3."""
+    if not Path("/usr/bin/iperf3").exists():
+        pytest.skip("iperf3 not installed (apt-get install iperf3)")
+    closure = iperf3_closure()
+    assert {"bin/iperf3", "lib64/ld-linux-x86-64.so.2"} <= set(closure)
+    tree = busybox_tree("delegate", iperf3=True)
+    for guest_path in closure:
+        assert tree.entries[guest_path].mode == 0o755, guest_path
+    tree.write_dir(tmp_path)
+    loader = str(tmp_path / "lib64/ld-linux-x86-64.so.2")
+    base = [loader, "--inhibit-cache", "--library-path", str(tmp_path / "lib/x86_64-linux-gnu")]
+    listing = subprocess.run([*base, "--list", str(tmp_path / "bin/iperf3")],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    resolved = [ln.split("=>")[1].split()[0] for ln in listing.splitlines() if "=>" in ln]
+    assert len(resolved) == len(closure) - 1, listing  # the libraries and the loader
+    assert all(p.startswith(str(tmp_path)) for p in resolved), listing
+    version = subprocess.run([*base, str(tmp_path / "bin/iperf3"), "--version"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert version.startswith("iperf 3."), version
+
+
 # One namespace and one boot for the module's tests: a boot costs minutes where the guest kernel
 # is emulated, and the tests leave the guest as they found it.
 @pytest.fixture(scope="module")
@@ -194,6 +227,7 @@ def guest(
         yield vm
 
 
+@linux_vm
 def test_iperf3_both_directions(netns: Netns, guest: NetnsGuest, host_profile: HostProfile) -> None:
     """Guest iperf3 client -> host server (guest transmits), then ``-R`` (guest receives): both
     ends report bytes moved, and neither reports an error."""
@@ -251,6 +285,7 @@ def _tcp_peer(ns: Netns, mode: str, port: int, path: str, timeout: float) -> sub
     return proc
 
 
+@linux_vm
 def test_tcp_bulk_transfer_sha256_both_ways(
     netns: Netns, guest: NetnsGuest, host_profile: HostProfile, tmp_path: Path
 ) -> None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +32,14 @@ from pathlib import Path
 
 import pytest
 from fixture import HostProfile
-from kit import CommandResult, ensure_initramfs, ensure_tiny_kernel, kernel_cmdline
+from kit import (
+    CommandResult,
+    ensure_initramfs,
+    ensure_tiny_kernel,
+    ensure_vsockcat,
+    kernel_cmdline,
+)
 from test_linux_crosvm import CrosvmLinux
-
-pytestmark = [pytest.mark.kvm, pytest.mark.linux, pytest.mark.slow]
 
 CID = 3
 HOST_CID = 2
@@ -161,6 +167,40 @@ def _host_listener(
     return thread, errors
 
 
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        ([], 2, "usage: vsockcat"),
+        (["listen"], 2, "usage: vsockcat"),
+        (["connect", "2"], 2, "usage: vsockcat"),
+        (["listen", "abc"], 2, "vsockcat: bad port: abc"),
+        (["connect", "-1", "5000"], 2, "vsockcat: bad cid: -1"),
+        (["connect", "2", "4294967296"], 2, "vsockcat: bad port: 4294967296"),
+        (["-v", "frobnicate", "1"], 2, "usage: vsockcat"),
+    ],
+)
+def test_vsockcat_rejects_bad_arguments_in_one_line(
+    args: list[str], status: int, message: str
+) -> None:
+    """The guest tool as the kit builds it (static: no loader, no libraries to copy)."""
+    tool = ensure_vsockcat()
+    elf = tool.read_bytes()
+    phoff, phentsize, phnum = (
+        struct.unpack_from("<Q", elf, 0x20)[0],
+        *struct.unpack_from("<HH", elf, 0x36),
+    )
+    types = [struct.unpack_from("<I", elf, phoff + i * phentsize)[0] for i in range(phnum)]
+    assert 3 not in types  # no PT_INTERP: static, runs without a loader in the initramfs
+    proc = subprocess.run([str(tool), *args], capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == status
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and message in proc.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.linux
+@pytest.mark.slow
 def test_linux_vsock_streams_both_ways(vm: LinuxVsockVm, host_profile: HostProfile) -> None:
     size = (256 << 10) if host_profile.emulating else (64 << 20)
     t = host_profile.scale(30)
