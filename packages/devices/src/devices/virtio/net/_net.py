@@ -28,7 +28,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -67,8 +66,6 @@ MAX_FRAME_BYTES = 65550
 RX_BATCH = 64
 #: Transmitted frames completed per used-ring publish (and interrupt check).
 TX_BATCH = 64
-#: How long the transmit side watches an empty ring before it sleeps (see Net._tx_poll).
-TX_POLL_SECONDS = 50e-6
 #: More segments than this in one chain is refused (the kernel's UIO_MAXIOV is 1024, and one
 #: slot is the overflow buffer).
 MAX_SEGMENTS = 1000
@@ -307,30 +304,8 @@ class Net(ThreadedVirtioDevice):
             if self._tx_batch(queue):
                 queue.trigger_interrupt(interrupt)  # once per batch (EVENT_IDX honoured)
                 continue
-            if self._tx_poll(queue):
-                continue
             if not queue.enable_notification():
                 return
-
-    def _tx_poll(self, queue: Queue) -> bool:
-        """Watch the avail index for up to TX_POLL_SECONDS before going back to sleep.
-
-        A guest that is streaming refills the ring within microseconds of seeing completions;
-        sleeping on the kick eventfd instead costs a guest exit plus a thread wake-up, which
-        on a busy host is often milliseconds (the scheduler runs something else meanwhile).
-        vhost-net (busyloop_timeout) and QEMU (poll-max-ns) poll for the same reason.
-        """
-        ring = self._tx_ring
-        if ring is None or TX_POLL_SECONDS <= 0:
-            return False
-        avail = ring.avail
-        seen = queue.next_avail
-        clock = time.perf_counter
-        deadline = clock() + TX_POLL_SECONDS
-        while clock() < deadline:
-            if avail[1] != seen:
-                return True
-        return False
 
     def _tx_batch(self, queue: Queue) -> int:
         """Send up to TX_BATCH available frames; publish their used entries at once.
@@ -352,29 +327,31 @@ class Net(ThreadedVirtioDevice):
             queue.pop()
             return 0
         mask, desc, used = ring.mask, ring.desc, ring.used
-        ram, base, end = ring.ram, ring.base, ring.end
+        ram, base, span = ring.ram, ring.base, ring.end - ring.base
         write = os.write
         fd = self.tap.fileno()
         hdr = self._hdr_len
         limit = hdr + MAX_FRAME_BYTES
-        next_used = queue.next_used
-        done = errors = nbytes = 0
+        first = next_avail
+        stop = next_avail + (pending if pending < TX_BATCH else TX_BATCH)
+        used_slot = queue.next_used - next_avail  # + next_avail: this chain's used slot
+        errors = nbytes = 0
         slow = False
-        for _ in range(pending if pending < TX_BATCH else TX_BATCH):
+        while next_avail != stop:
             head = avail[2 + (next_avail & mask)]
             if head >= size:
                 slow = True
                 break
             meta = desc[(head << 1) + 1]
-            addr = desc[head << 1]
+            off = desc[head << 1] - base
             length = meta & 0xFFFF_FFFF
             # The common chain: ONE device-readable descriptor (flags 0: header + frame) in
             # region 0. Anything else, including a chain that breaks a rule, goes to Queue.pop.
-            if meta & 0xFFFF_0000_0000 or not hdr <= length <= limit or addr < base:
-                slow = True
-                break
-            off = addr - base
-            if addr + length > end:
+            if (
+                meta & 0xFFFF_0000_0000
+                or not hdr <= length <= limit
+                or not 0 <= off <= span - length
+            ):
                 slow = True
                 break
             try:
@@ -384,10 +361,10 @@ class Net(ThreadedVirtioDevice):
                 self.log.warn("tx frame of %d bytes dropped: %s", length - hdr, err)
             else:
                 nbytes += length
-            used[next_used & mask] = head  # id = head, len = 0 (nothing written)
+            used[(used_slot + next_avail) & mask] = head  # id = head, len = 0 (nothing written)
             next_avail += 1
-            next_used += 1
-            done += 1
+        done = next_avail - first
+        next_used = used_slot + next_avail
         frames = done - errors
         stats = self.stats
         stats.tx_frames += frames  # counters first: a test may read them once it sees used
