@@ -20,7 +20,9 @@ Unix sockets with ``socat`` (an echo, and a one-way sink), and the ratios say ho
 path (device + guest) is from the host's own socket throughput. ``--device-only`` adds the
 device alone with the mock virtqueue driver (no KVM), which isolates the Python per-packet cost.
 crosvm runs in its default (sandboxed) mode; ``--disable-sandbox`` runs the device in-process
-(what ``py-spy`` needs to see it).
+(what ``py-spy`` needs to see it). Sandboxed rows also give the device's own CPU time per MiB
+moved (echo counts both directions): on a shared, loaded host that is the steadier figure,
+because the guest's vCPU spins and takes a core whatever the device does.
 
     python benchmarks/vsock.py [--mib 32] [--runs 3] [--only echo,h2g,g2h] [--device-only]
 """
@@ -77,6 +79,39 @@ def _vm(cfg: GuestConfig, sandbox: bool) -> GuestVm:
     return vm
 
 
+def _descendants_cpu(pid: int) -> float:
+    """CPU seconds used so far by every process below ``pid`` (the jailed device processes).
+
+    In the sandboxed mode the vsock device is the only busy one of them, so the difference over
+    a transfer is the device's own CPU cost, a figure the host's load changes far less than
+    the throughput (the guest's vCPU spins and competes for the same cores).
+    """
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime
+    total, todo = 0, [pid]
+    while todo:
+        cur = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == cur:
+                total += ticks[child]
+                todo.append(child)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+#: device CPU seconds per transfer, per row (sandboxed runs only)
+CPU: dict[str, list[float]] = {}
+
+
 def _cid() -> int:
     return 3 + (os.getpid() * 7919 + int.from_bytes(os.urandom(2), "little")) % 1_000_000
 
@@ -85,7 +120,7 @@ def _uds(cid: int) -> Path:
     return Path(os.environ.get("TMPDIR", "/tmp")) / f"crosvm-vsock-{cid}.sock"
 
 
-def crosvm_echo(mib: int, rx_buf: int, sandbox: bool) -> float:
+def crosvm_echo(mib: int, rx_buf: int, sandbox: bool, row: str = "") -> float:
     cid = _cid()
     data = os.urandom(mib << 20) + b"END\n"
     params = {"timeout_ms": 300000, "rx_buf": rx_buf}
@@ -100,7 +135,9 @@ def crosvm_echo(mib: int, rx_buf: int, sandbox: bool) -> float:
                 line += sock.recv(1)
             if not line.startswith(b"OK "):
                 raise RuntimeError(f"handshake failed: {line!r}")
+            cpu0 = _descendants_cpu(vm.proc.pid)
             got, elapsed = _echo(sock, data)
+            CPU.setdefault(row, []).append(_descendants_cpu(vm.proc.pid) - cpu0)
         vm.wait(TIMEOUT).check()
     if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
         raise RuntimeError(f"echo differs ({len(got)} of {len(data)} bytes)")
@@ -108,7 +145,7 @@ def crosvm_echo(mib: int, rx_buf: int, sandbox: bool) -> float:
 
 
 def _guest_connect(
-    params: dict[str, object], sandbox: bool, serve: Callable[[socket.socket], int]
+    params: dict[str, object], sandbox: bool, serve: Callable[[socket.socket], int], row: str
 ) -> float:
     """Run ``vsock-connect`` to the host; ``serve`` moves the data and returns the byte count."""
     cid = _cid()
@@ -123,16 +160,18 @@ def _guest_connect(
                 conn, _ = listener.accept()
                 with conn:
                     conn.settimeout(TIMEOUT)
+                    cpu0 = _descendants_cpu(vm.proc.pid)
                     t0 = time.perf_counter()
                     n = serve(conn)
                     elapsed = time.perf_counter() - t0
+                    CPU.setdefault(row, []).append(_descendants_cpu(vm.proc.pid) - cpu0)
                 vm.wait(TIMEOUT).check()
         finally:
             os.unlink(path)
     return n / elapsed / 1e6
 
 
-def crosvm_host_to_guest(mib: int, rx_buf: int, sandbox: bool) -> float:
+def crosvm_host_to_guest(mib: int, rx_buf: int, sandbox: bool, row: str = "") -> float:
     data = os.urandom(mib << 20)
 
     def serve(conn: socket.socket) -> int:
@@ -143,10 +182,10 @@ def crosvm_host_to_guest(mib: int, rx_buf: int, sandbox: bool) -> float:
         return len(data)
 
     params = {"bytes": 0, "close": "host", "rx_buf": rx_buf}
-    return _guest_connect(params, sandbox, serve)
+    return _guest_connect(params, sandbox, serve, row)
 
 
-def crosvm_guest_to_host(mib: int, sandbox: bool) -> float:
+def crosvm_guest_to_host(mib: int, sandbox: bool, row: str = "") -> float:
     want = mib << 20
 
     def serve(conn: socket.socket) -> int:
@@ -159,7 +198,7 @@ def crosvm_guest_to_host(mib: int, sandbox: bool) -> float:
             raise RuntimeError(f"guest->host: {n} of {want} bytes")
         return n
 
-    return _guest_connect({"bytes": want, "close": "guest"}, sandbox, serve)
+    return _guest_connect({"bytes": want, "close": "guest"}, sandbox, serve, row)
 
 
 def _socat(args: list[str], path: str) -> subprocess.Popen[bytes]:
@@ -246,11 +285,13 @@ def device_only(mib: int) -> float:
     return len(data) / elapsed / 1e6
 
 
-def _row(name: str, runs: list[float], peer: float | None = None) -> None:
+def _row(name: str, runs: list[float], peer: float | None = None, mib: int = 0) -> None:
     med = statistics.median(runs)
     ratio = f"   {med / peer:6.3f}x host" if peer else ""
+    cpu = CPU.get(name)
+    per_mib = f"   device {statistics.median(cpu) * 1e6 / mib:6.0f} us CPU/MiB" if cpu else ""
     listed = ", ".join(f"{x:.1f}" for x in runs)
-    print(f"{name:<34} {med:8.1f} MB/s{ratio}   (runs: {listed})", flush=True)
+    print(f"{name:<30} {med:8.1f} MB/s{ratio}{per_mib}   (runs: {listed})", flush=True)
 
 
 def main() -> None:
@@ -268,19 +309,22 @@ def main() -> None:
     one_way_peer = statistics.median([socat_one_way(mib) for _ in range(n)])
     mode = "sandboxed" if sandbox else "--disable-sandbox"
     print(f"vsock, {mib} MiB per run, median of {n}, crosvm {mode}")
-    print(f"{'host unix echo (socat PIPE)':<34} {echo_peer:8.1f} MB/s")
-    print(f"{'host unix one-way (socat -u)':<34} {one_way_peer:8.1f} MB/s")
+    print(f"{'host unix echo (socat PIPE)':<30} {echo_peer:8.1f} MB/s")
+    print(f"{'host unix one-way (socat -u)':<30} {one_way_peer:8.1f} MB/s")
     for rx_buf in (65536, 4096):
         tag = f"rx_buf {rx_buf // 1024} KiB"
         if "echo" in only:
-            runs = [crosvm_echo(mib, rx_buf, sandbox) for _ in range(n)]
-            _row(f"echo, {tag}", runs, echo_peer)
+            row = f"echo, {tag}"
+            runs = [crosvm_echo(mib, rx_buf, sandbox, row) for _ in range(n)]
+            _row(row, runs, echo_peer, 2 * mib if sandbox else 0)
         if "h2g" in only:
-            runs = [crosvm_host_to_guest(mib, rx_buf, sandbox) for _ in range(n)]
-            _row(f"host->guest, {tag}", runs, one_way_peer)
+            row = f"host->guest, {tag}"
+            runs = [crosvm_host_to_guest(mib, rx_buf, sandbox, row) for _ in range(n)]
+            _row(row, runs, one_way_peer, mib if sandbox else 0)
     if "g2h" in only:
-        runs = [crosvm_guest_to_host(mib, sandbox) for _ in range(n)]
-        _row("guest->host (64 KiB packets)", runs, one_way_peer)
+        row = "guest->host, 64 KiB packets"
+        runs = [crosvm_guest_to_host(mib, sandbox, row) for _ in range(n)]
+        _row(row, runs, one_way_peer, mib if sandbox else 0)
     if args.device_only:
         _row("device only (mock guest) h->g", [device_only(mib) for _ in range(n)])
 
