@@ -456,11 +456,11 @@ class Net(ThreadedVirtioDevice):
             queue.pop()  # reports the driver bug and stops the queue
             return None
         mask, desc, used = ring.mask, ring.desc, ring.used
-        ram, base, end = ring.ram, ring.base, ring.end
+        ram, base, span = ring.ram, ring.base, ring.end - ring.base
         readv = os.readv
         fd = self.tap.fileno()
         hdr = self._hdr_len
-        stage = self._stage_view
+        iov = [self._stage_view, self._stage_view]  # [0] becomes the guest's buffer
         clear_flags = not self._guest_csum
         next_used = queue.next_used
         frames = nbytes = 0
@@ -472,19 +472,19 @@ class Net(ThreadedVirtioDevice):
                 self._rx_slow = True
                 break
             meta = desc[(head << 1) + 1]
-            addr = desc[head << 1]
+            off = desc[head << 1] - base
             length = meta & 0xFFFF_FFFF
             # ONE device-writable descriptor (flags == WRITE) in region 0, room for a header.
-            if (meta >> 32) & 0xFFFF != VIRTQ_DESC_F_WRITE or length < hdr or addr < base:
+            if (
+                (meta >> 32) & 0xFFFF != VIRTQ_DESC_F_WRITE
+                or length < hdr
+                or not 0 <= off <= span - length
+            ):
                 self._rx_slow = True
                 break
-            if addr + length > end:
-                self._rx_slow = True
-                break
-            off = addr - base
-            view = ram[off : off + length]
+            view = iov[0] = ram[off : off + length]
             try:
-                n = readv(fd, [view, stage])
+                n = readv(fd, iov)
             except BlockingIOError:  # the tap is empty; the buffer stays available
                 stop = True
                 break
