@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fixture import GuestConfig, build_guest, launch
+from fixture import GuestConfig, GuestVm, build_guest, command, launch
 
 pytestmark = [pytest.mark.kvm]
 
@@ -309,3 +309,27 @@ def test_host_that_stops_reading_throttles_the_guest_by_credit() -> None:
     assert row["sent_sha256"] == _sha(got[0])
     assert int(row["recv"]) == len(host_data)
     assert row["recv_sha256"] == _sha(host_data)
+
+
+def test_guest_connects_through_an_explicit_vsock_uds_path(tmp_path: Path) -> None:
+    """``--vsock-uds`` elsewhere than $TMPDIR: the (jailed) device reaches ``<path>_<port>``."""
+    uds = tmp_path / "vm.vsock"
+    cfg = GuestConfig("vsock-connect", vsock_cid=_cid(), params={"port": 6003, "bytes": 200_000})
+    argv = command(cfg, vmm="crosvm", crosvm=CROSVM)
+    argv[-1:-1] = ["--vsock-uds", str(uds)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(f"{uds}_6003")
+        listener.listen(1)
+        listener.settimeout(TIMEOUT)
+        with GuestVm(argv) as vm:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(TIMEOUT)
+                got = _read_all(conn)
+                conn.sendall(b"reply")
+                conn.shutdown(socket.SHUT_WR)
+                assert _read_all(conn) == b""
+            row = vm.wait(TIMEOUT).check().find("vsock_connect")
+    assert row["sent_sha256"] == _sha(got) and int(row["sent"]) == len(got) == 200_000
+    assert row["recv_sha256"] == _sha(b"reply") and row["rst"] == "1"
+    assert not uds.exists()
