@@ -62,6 +62,9 @@ class RingIo(Generic[T]):
     def __init__(self, disk: RawDisk, entries: int = RING_ENTRIES) -> None:
         self._disk = disk
         self._fd = disk.fileno()
+        # O_DIRECT reads are asynchronous in the ring itself: no page cache to try first, no
+        # kernel worker needed.
+        self._direct = disk.direct
         self._ring = IoUring(entries)
         try:
             self.event = EventFd(nonblocking=True)
@@ -90,11 +93,13 @@ class RingIo(Generic[T]):
         """Read into ``iovecs``; True if it is done already or queued, False if the ring is
         full. A read served from the page cache right away completes with ``(token, None)``
         at the next :meth:`completions`."""
+        request = _Request(_READ, token, iovecs, offset, length)
+        if self._direct:
+            return self._queue(request)
         try:
             got = os.preadv(self._fd, iovecs, offset, os.RWF_NOWAIT)
-        except OSError:  # EAGAIN: not cached; EINVAL: O_DIRECT alignment (the ring retries)
+        except OSError:  # EAGAIN: not cached (the ring reads it)
             got = -1
-        request = _Request(_READ, token, iovecs, offset, length)
         if got == length:
             self._done.append((token, None))
             return True
@@ -150,7 +155,7 @@ class RingIo(Generic[T]):
         if request.kind == _READ:
             # It missed the page cache: a kernel worker reads it in one blocking call (with
             # readahead), where the inline attempt would resume it page by page.
-            ok = ring.readv(self._fd, request.iovecs, request.offset, tag, punt=True)
+            ok = ring.readv(self._fd, request.iovecs, request.offset, tag, punt=not self._direct)
         else:
             ok = ring.writev(self._fd, request.iovecs, request.offset, tag)
         if ok:
