@@ -336,9 +336,17 @@ class Vsock(ThreadedVirtioDevice):
             self._signal()
 
     def _pump_pending(self) -> None:
-        while self._pump_soon:
-            conn = next(iter(self._pump_soon))
-            del self._pump_soon[conn]
+        """Read the sockets marked as worth reading now, once each.
+
+        One pass, not until the set is empty: a guest that keeps sending could otherwise keep
+        the worker here. Whatever is marked meanwhile still has its epoll interest, so a socket
+        with data wakes us again.
+        """
+        if not self._pump_soon:
+            return
+        conns = list(self._pump_soon)
+        self._pump_soon.clear()
+        for conn in conns:
             if conn.token in self._by_token and self._can_read_host(conn):
                 self._pump(conn)
 
