@@ -21,8 +21,9 @@ path (device + guest) is from the host's own socket throughput. ``--device-only`
 device alone with the mock virtqueue driver (no KVM), which isolates the Python per-packet cost.
 crosvm runs in its default (sandboxed) mode; ``--disable-sandbox`` runs the device in-process
 (what ``py-spy`` needs to see it). Sandboxed rows also give the device's own CPU time per MiB
-moved (echo counts both directions): on a shared, loaded host that is the steadier figure,
-because the guest's vCPU spins and takes a core whatever the device does.
+moved (echo counts both directions; sampled every 5 ms, so slightly low): on a shared, loaded
+host that is the steadier figure, because the guest's vCPU spins and takes a core whatever
+the device does.
 
     python benchmarks/vsock.py [--mib 32] [--runs 3] [--only echo,h2g,g2h] [--device-only]
 """
@@ -79,33 +80,67 @@ def _vm(cfg: GuestConfig, sandbox: bool) -> GuestVm:
     return vm
 
 
-def _descendants_cpu(pid: int) -> float:
-    """CPU seconds used so far by every process below ``pid`` (the jailed device processes).
-
-    In the sandboxed mode the vsock device is the only busy one of them, so the difference over
-    a transfer is the device's own CPU cost, a figure the host's load changes far less than
-    the throughput (the guest's vCPU spins and competes for the same cores).
-    """
+def _descendants(pid: int) -> list[int]:
     parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(entry)] = int(fields[1])
-        ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime + stime
-    total, todo = 0, [pid]
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, todo = [], [pid]
     while todo:
         cur = todo.pop()
-        for child, ppid in parent.items():
-            if ppid == cur:
-                total += ticks[child]
-                todo.append(child)
-    return total / os.sysconf("SC_CLK_TCK")
+        kids = [child for child, ppid in parent.items() if ppid == cur]
+        found += kids
+        todo += kids
+    return found
+
+
+def _task_ns(pid: int) -> int | None:
+    """CPU nanoseconds of every thread of ``pid`` (None once it is gone)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total
+    except (OSError, ValueError):
+        return None
+
+
+class _CpuWatch:
+    """CPU time the processes below ``pid`` (the jailed devices) use during a transfer.
+
+    In the sandboxed mode the vsock device is the only busy one, so this is the device's own
+    cost, a figure the host's load changes far less than the throughput (the guest's vCPU
+    spins and competes for the cores). Sampled every 5 ms, because the guest ends the VM (and
+    the device process) right after the last byte: the cost after the last sample is lost.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._first = {p: ns for p in _descendants(pid) if (ns := _task_ns(p)) is not None}
+        self._last = dict(self._first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self._sample()
+
+    def _sample(self) -> None:
+        for p in self._last:
+            ns = _task_ns(p)
+            if ns is not None:
+                self._last[p] = ns
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return sum(self._last[p] - self._first[p] for p in self._first) / 1e9
 
 
 #: device CPU seconds per transfer, per row (sandboxed runs only)
@@ -135,9 +170,9 @@ def crosvm_echo(mib: int, rx_buf: int, sandbox: bool, row: str = "") -> float:
                 line += sock.recv(1)
             if not line.startswith(b"OK "):
                 raise RuntimeError(f"handshake failed: {line!r}")
-            cpu0 = _descendants_cpu(vm.proc.pid)
+            watch = _CpuWatch(vm.proc.pid)
             got, elapsed = _echo(sock, data)
-            CPU.setdefault(row, []).append(_descendants_cpu(vm.proc.pid) - cpu0)
+            CPU.setdefault(row, []).append(watch.stop())
         vm.wait(TIMEOUT).check()
     if hashlib.sha256(got).digest() != hashlib.sha256(data).digest():
         raise RuntimeError(f"echo differs ({len(got)} of {len(data)} bytes)")
@@ -160,11 +195,11 @@ def _guest_connect(
                 conn, _ = listener.accept()
                 with conn:
                     conn.settimeout(TIMEOUT)
-                    cpu0 = _descendants_cpu(vm.proc.pid)
+                    watch = _CpuWatch(vm.proc.pid)
                     t0 = time.perf_counter()
                     n = serve(conn)
                     elapsed = time.perf_counter() - t0
-                    CPU.setdefault(row, []).append(_descendants_cpu(vm.proc.pid) - cpu0)
+                    CPU.setdefault(row, []).append(watch.stop())
                 vm.wait(TIMEOUT).check()
         finally:
             os.unlink(path)
