@@ -154,7 +154,9 @@ def tap_counters(ns: Netns) -> dict[str, int]:
 
 
 def bench_tx(ns: Netns, vmm: str, frames: int, size: int) -> dict[str, float]:
-    cfg = GuestConfig("net-bench", params={"dir": "tx", "frames": frames, "size": size})
+    cfg = GuestConfig(
+        "net-bench", params={"dir": "tx", "frames": frames, "size": size, "linger_ms": 300}
+    )
     c0 = tap_counters(ns)
     with GuestVm(ns.exec_argv(vmm_argv(vmm, cfg))) as vm, cpu_watch(vm) as watch:
         vm.wait_for("READY net-bench", 120)
@@ -259,13 +261,14 @@ def build_sender() -> Path:
 
 
 def bench_rx(ns: Netns, vmm: str, size: int, seconds: float) -> dict[str, float]:
-    cfg = GuestConfig("net-bench", params={"dir": "rx", "idle_ms": 3000})
+    cfg = GuestConfig("net-bench", params={"dir": "rx", "idle_ms": 3000, "linger_ms": 300})
     sender = build_sender()
     c0 = tap_counters(ns)
     with GuestVm(ns.exec_argv(vmm_argv(vmm, cfg))) as vm, cpu_watch(vm) as watch:
         mac = vm.wait_for(r"READY net-bench dir=rx mac=(\S+)", 120).group(1).replace(":", "")
         cpu0 = watch.sample()
         out = ns.run(str(sender), TAP, mac, str(size), str(seconds))
+        cpu1 = watch.sample()  # the frames are in (but for the tap's last <= 500)
         sent = {k: float(v) for k, v in (kv.split("=") for kv in out.split())}
         end = bytes.fromhex(mac) + bytes(6) + struct.pack(">H", ETH_TEST) + b"END" + bytes(43)
         with ns.packet_socket(TAP) as sock:
@@ -275,7 +278,6 @@ def bench_rx(ns: Netns, vmm: str, size: int, seconds: float) -> dict[str, float]
                     break
                 sock.send(end)  # the tap's queue may be full: repeat until the guest stops
                 time.sleep(0.05)
-            cpu1 = watch.sample()
         result = vm.wait(60).check()
     c1 = tap_counters(ns)
     guest = result.find("net_rx_frames")
@@ -482,11 +484,11 @@ def main() -> int:
             for key in keys[kind[:2]]:
                 # cpu per frame: QEMU's over ours, so that here too higher is better for us
                 a_runs, b_runs = (peer, mine) if key.startswith("cpu") else (mine, peer)
-                ratio = statistics.median(r[key] for r in a_runs) / statistics.median(
-                    r[key] for r in b_runs
-                )
+                num = statistics.median(r[key] for r in a_runs)
+                den = statistics.median(r[key] for r in b_runs)
+                ratio = num / den if den else float("nan")
                 pairs = zip(a_runs, b_runs, strict=True)
-                per_round = ", ".join(f"{a[key] / b[key]:.2f}" for a, b in pairs)
+                per_round = ", ".join(f"{a[key] / b[key]:.2f}" if b[key] else "-" for a, b in pairs)
                 label = "cpu_per_frame(QEMU/ours)" if key.startswith("cpu") else key
                 parts.append(f"{label} {ratio:.2f} (rounds: {per_round})")
             print(f"  ratio {kind:7} {vmm}/QEMU: " + "; ".join(parts))

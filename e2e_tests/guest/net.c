@@ -220,6 +220,13 @@ static void bench_rx(struct net *n) {
            (unsigned long)other, (unsigned long)q->notifies);
 }
 
+static void linger(void) {
+    /* linger_ms: stay up after the RESULT line, so the host can still read the VMM's
+     * counters (CPU time per thread) before it exits. */
+    u64 t0 = rdtsc(), ms = cmdline_u64("linger_ms", 0);
+    while (rdtsc() - t0 < tsc_ms(ms)) cpu_relax();
+}
+
 void sc_net_bench(void) {
     /* dir=tx (default): transmit `frames` test frames of `size` bytes to the broadcast
      * address as fast as the queue allows; the host counts what arrives. dir=rx: count the
@@ -230,10 +237,12 @@ void sc_net_bench(void) {
     net_open(&n, rx ? 0 : NRX);
     if (rx) {
         bench_rx(&n);
+        linger();
         return;
     }
     u64 frames = cmdline_u64("frames", 10000);
     u32 size = (u32)cmdline_u64("size", 1514);
     if (size < 60 || size > RXBUF - NET_HDR) fail("net-bench: bad frame size %u", size);
     bench_tx(&n, frames, size);
+    linger();
 }
