@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from devices.testing import SubmittedChain, VirtQueueDriver, make_guest_memory
@@ -879,3 +879,80 @@ def test_header_only_rx_buffers_carry_credit_updates_instead_of_spinning(uds: st
             assert (h.op, data) == (Op.RW, b"waiting")
     finally:
         g.close()
+
+
+_KINDS = ["rw", "rw", "rw", "rw_badlen", "shut_send", "shut_rcv", "shut_both", "rst",
+          "credit_update", "credit_request", "bad_op"]  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1), st.sampled_from(_KINDS), st.integers(0, 3000)),
+        max_size=30,
+    )
+)
+@example([(0, "rw", 100), (1, "rw", 200), (0, "rw", 300), (1, "shut_send", 0), (0, "rw", 50)])
+def test_runs_of_mixed_packets_deliver_exactly_the_model_stream(
+    script: list[tuple[int, str, int]],
+) -> None:
+    """Random runs of packets for two live connections, published at once (so the device
+    gathers RW runs): each host socket gets exactly the payloads a simple model of the spec
+    says it should, in order, then EOF; a bad packet ends only its own connection.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uds = os.path.join(tmp, "v.sock")
+        g = Guest(Vsock(CID, uds), rx_buffers=128)
+        try:
+            socks, locals_ = zip(*(host_connect(g, uds) for _ in range(2)), strict=True)
+            expected = [bytearray(), bytearray()]
+            open_ = [True, True]  # the connection exists and takes data
+            packets = []
+            seed = 0
+            for idx, kind, size in script:
+                seed += 1
+                payload = bytes([seed & 0xFF]) * size
+                h = Header(CID, HOST_CID, GUEST_PORT, locals_[idx], size, TYPE_STREAM,
+                           Op.RW, 0, 65536, 0)  # fmt: skip
+                if kind == "rw":
+                    packets.append(pack_header(h) + payload)
+                    if open_[idx]:
+                        expected[idx] += payload
+                    continue
+                if kind == "rw_badlen":
+                    packets.append(pack_header(h._replace(len=size + 10)) + payload)
+                    open_[idx] = False
+                    continue
+                op, flags = {
+                    "shut_send": (Op.SHUTDOWN, 2), "shut_rcv": (Op.SHUTDOWN, 1),
+                    "shut_both": (Op.SHUTDOWN, 3), "rst": (Op.RST, 0),
+                    "credit_update": (Op.CREDIT_UPDATE, 0),
+                    "credit_request": (Op.CREDIT_REQUEST, 0), "bad_op": (9, 0),
+                }[kind]  # fmt: skip
+                packets.append(pack_header(h._replace(len=0, op=op, flags=flags)))
+                if op == Op.RST or op == 9 or flags & 2:
+                    open_[idx] = False  # reset, or no more data (a later RW resets)
+            for idx in range(2):  # end what is still open, so the host reads to EOF
+                h = Header(CID, HOST_CID, GUEST_PORT, locals_[idx], 0, TYPE_STREAM,
+                           Op.SHUTDOWN, 3, 65536, 0)  # fmt: skip
+                packets.append(pack_header(h))
+            _send_batch(g, packets)
+            for idx, sock in enumerate(socks):
+                got = bytearray()
+                with sock:
+                    try:
+                        while data := sock.recv(1 << 16):
+                            got += data
+                    except ConnectionResetError:
+                        pass
+                assert got == expected[idx]
+            deadline = time.monotonic() + 5  # the host saw EOF just before the device let go
+            while g.dev.connection_count() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            assert g.dev.connection_count() == 0
+            sock, _ = host_connect_skipping(g, uds)  # and the device still serves
+            sock.close()
+        finally:
+            g.close()
