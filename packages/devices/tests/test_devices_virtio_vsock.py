@@ -881,14 +881,15 @@ def test_header_only_rx_buffers_carry_credit_updates_instead_of_spinning(uds: st
         g.close()
 
 
-_KINDS = ["rw", "rw", "rw", "rw_badlen", "shut_send", "shut_rcv", "shut_both", "rst",
-          "credit_update", "credit_request", "bad_op"]  # fmt: skip
+_KINDS = ["rw"] * 8 + ["rw_badlen", "shut_send", "shut_rcv", "shut_both", "rst",
+                       "credit_update", "credit_request", "bad_op"]  # fmt: skip
 
 
 @settings(max_examples=30, deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(0, 1), st.sampled_from(_KINDS), st.integers(0, 3000)),
+        min_size=4,
         max_size=30,
     )
 )
