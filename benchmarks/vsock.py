@@ -324,7 +324,9 @@ def _row(name: str, runs: list[float], peer: float | None = None, mib: int = 0) 
     med = statistics.median(runs)
     ratio = f"   {med / peer:6.3f}x host" if peer else ""
     cpu = CPU.get(name)
-    per_mib = f"   device {statistics.median(cpu) * 1e6 / mib:6.0f} us CPU/MiB" if cpu else ""
+    per_mib = (
+        f"   device {statistics.median(cpu) * 1e6 / mib:6.0f} us CPU/MiB" if cpu and mib else ""
+    )
     listed = ", ".join(f"{x:.1f}" for x in runs)
     print(f"{name:<30} {med:8.1f} MB/s{ratio}{per_mib}   (runs: {listed})", flush=True)
 
