@@ -230,15 +230,17 @@ def test_linux_vsock_streams_both_ways(vm: LinuxVsockVm, host_profile: HostProfi
     job = vm.start("vsockcat -v listen 5000 < /tmp/g2h | sha256sum", xfer)
     _wait_listening(vm, 5000, job, xfer)
     sock, line = _connect_uds(vm.uds, 5000, xfer)
+    t0 = time.monotonic()
     with sock:
         assert line.startswith(b"OK ") and line.endswith(b"\n"), line
-        int(line[3:])  # the host-side port the guest sees
+        host_port = int(line[3:])  # the port the guest sees the connection come from
         from_guest = _exchange(sock, to_guest)  # EOF, not a reset, ends it
+    print(f"host->guest connection, {size >> 10} KiB each way: {time.monotonic() - t0:.1f} s")
     r = job.result(xfer)
     assert r.rc == 0, f"{r}{vm.context()}"
     assert [ln.split()[0] for ln in _result_lines(r)] == [_sha(to_guest)], vm.context()
     assert len(from_guest) == size and _sha(from_guest) == guest_sha
-    assert any(f"vsockcat: connection from {HOST_CID}:" in ln for ln in r.lines), r.lines
+    assert f"vsockcat: connection from {HOST_CID}:{host_port}" in r.lines, r.lines
 
     # 4. guest -> host connection: host serves <uds>_5001, guest connects to cid 2 port 5001
     to_guest = os.urandom(size)
@@ -247,6 +249,7 @@ def test_linux_vsock_streams_both_ways(vm: LinuxVsockVm, host_profile: HostProfi
         Path(f"{vm.uds}_5001"), lambda conn: received.append(_exchange(conn, to_guest)), xfer
     )
     r = vm.run(f"vsockcat connect {HOST_CID} 5001 < /tmp/g2h | sha256sum", xfer)
+    print(f"guest->host connection, {size >> 10} KiB each way: {r.guest_seconds:.1f} s guest time")
     listener.join(xfer)
     assert not listener.is_alive() and not errors, f"host side: {errors}{vm.context()}"
     assert r.rc == 0, f"{r}{vm.context()}"
