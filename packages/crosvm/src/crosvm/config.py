@@ -22,16 +22,63 @@ DEFAULT_MEM_MIB = 256
 DEFAULT_CPUS = 1
 MAX_CPUS = 254  # APIC IDs are 8 bit and the IOAPIC takes the id after the last vCPU
 MAX_DISKS = 26  # vda..vdz
+MAX_DISK_ID_BYTES = 20  # virtio-blk's VIRTIO_BLK_ID_BYTES
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
 @dataclass(frozen=True)
 class DiskOption:
-    """One ``-r/--rwroot/-d/--rwdisk`` in command-line order (vda, vdb, ...)."""
+    """One ``--block``/``-r/--rwroot/-d/--rwdisk`` in command-line order (vda, vdb, ...).
+
+    ``direct``: open the image with O_DIRECT (no host page cache); ``serial``: the
+    virtio-blk ID the guest reads (``/sys/block/vdX/serial``), at most 20 bytes.
+    """
 
     path: Path
     read_only: bool
     root: bool = False
+    direct: bool = False
+    serial: str | None = None
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def parse_block(text: str) -> DiskOption:
+    """crosvm's ``--block PATH[,ro][,root][,direct=true][,id=SERIAL]`` (also ``path=PATH`` and
+    ``ro=``/``root=``/``direct=`` with true/false). Raises ``argparse.ArgumentTypeError``."""
+    parts = text.split(",")
+    path: str | None = None
+    flags = {"ro": False, "root": False, "direct": False}
+    serial: str | None = None
+    for i, part in enumerate(parts):
+        key, eq, value = part.partition("=")
+        if i == 0 and not eq:
+            path = part
+        elif key == "path" and eq:
+            path = value
+        elif key in flags:
+            if not eq or value in _TRUE:
+                flags[key] = True
+            elif value in _FALSE:
+                flags[key] = False
+            else:
+                raise argparse.ArgumentTypeError(f"--block: {key}={value!r} is not true or false")
+        elif key == "id" and eq:
+            if not value or len(value.encode()) > MAX_DISK_ID_BYTES:
+                raise argparse.ArgumentTypeError(
+                    f"--block: id must be 1 to {MAX_DISK_ID_BYTES} bytes, got {value!r}"
+                )
+            serial = value
+        else:
+            raise argparse.ArgumentTypeError(f"--block: unknown option {part!r}")
+    if not path:
+        raise argparse.ArgumentTypeError(f"--block: no image path in {text!r}")
+    return DiskOption(
+        Path(path), read_only=flags["ro"], root=flags["root"], direct=flags["direct"],
+        serial=serial,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -139,13 +186,22 @@ class _DiskAction(argparse.Action):
         option_string: str | None = None,
     ) -> None:
         disks: list[DiskOption] = getattr(namespace, "disks", None) or []
-        read_only = option_string in ("-r", "--root", "-d", "--disk")
-        root = option_string in ("-r", "--root", "--rwroot")
-        if root and any(d.root for d in disks):
-            parser.error("only one root disk (-r/--root or --rwroot) may be given")
+        if option_string == "--block":
+            try:
+                disk = parse_block(values)
+            except argparse.ArgumentTypeError as err:
+                parser.error(str(err))
+        else:
+            read_only = option_string in ("-r", "--root", "-d", "--disk")
+            root = option_string in ("-r", "--root", "--rwroot")
+            disk = DiskOption(Path(values), read_only=read_only, root=root)
+        if disk.root and any(d.root for d in disks):
+            parser.error(
+                "only one root disk (-r/--root, --rwroot or --block ...,root) may be given"
+            )
         if len(disks) >= MAX_DISKS:
             parser.error(f"at most {MAX_DISKS} disks are supported")
-        disks.append(DiskOption(Path(values), read_only=read_only, root=root))
+        disks.append(disk)
         namespace.disks = disks
 
 
@@ -172,6 +228,12 @@ def build_run_parser() -> argparse.ArgumentParser:
         "--serial", action="append", default=[], metavar="PARAMS",
         help="type=stdout|file|sink|syslog[,num=1-4][,path=P][,console][,stdin]"
         "[,hardware=serial|virtio-console]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--block", action=_DiskAction, dest="disks",
+        metavar="PATH[,ro][,root][,direct=true][,id=SERIAL]",
+        help="virtio-blk disk (raw or qcow2; repeatable): read-only, root (adds root=/dev/vdX), "
+        "O_DIRECT, serial",
     )  # fmt: skip
     for flags, text in (
         (("-r", "--root"), "read-only root disk; adds root=/dev/vdX ro"),

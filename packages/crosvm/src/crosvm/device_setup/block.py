@@ -1,4 +1,5 @@
-"""virtio-block for ``-r/--rwroot/-d/--rwdisk``, in command-line order (vda, vdb, ...)."""
+"""virtio-block for ``--block`` and ``-r/--rwroot/-d/--rwdisk``, in command-line order (vda,
+vdb, ...)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def create(
     devices: list[VirtioDevice] = []
     for disk in config.disks:
         try:
-            block = Block.open(disk.path, read_only=disk.read_only)
+            block = Block.open(
+                disk.path, read_only=disk.read_only, direct=disk.direct, serial=disk.serial
+            )
         except (VirtioError, OSError) as err:
             raise VmError(f"disk {disk.path}: {err}") from None
         stack.callback(block.close)
