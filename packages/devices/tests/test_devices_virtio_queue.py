@@ -328,3 +328,23 @@ def test_used_index_is_never_seen_going_backwards(mem: GuestMemory) -> None:
     os.close(ready_r)
     os.close(result_r)
     assert verdict == b"ok", f"a parallel reader saw used idx go {verdict.decode()}"
+
+
+def test_kicks_are_asked_for_only_once_the_ring_is_empty(mem: GuestMemory) -> None:
+    """EVENT_IDX: while the device still finds chains it leaves avail_event alone (the driver
+    need not kick for entries we are about to pop anyway); an empty pop arms it at next_avail,
+    and a chain added after that is found (by the re-check or the next pop)."""
+    drv, q = make(mem, 16)
+    assert q.event_idx
+    for _ in range(3):
+        drv.add_request([b"x"])
+    before = drv.avail_event()
+    assert q.pop() is not None and q.pop() is not None
+    assert drv.avail_event() == before  # busy: no kick requested yet
+    assert q.pop() is not None
+    assert q.pop() is None
+    assert drv.avail_event() == q.next_avail == 3  # empty: armed
+    late = drv.add_request([b"y"]).head
+    chain = q.pop()
+    assert chain is not None and chain.head == late
+    assert q.pop() is None and drv.avail_event() == 4

@@ -178,6 +178,9 @@ class Queue:
         self.invalid_chains = 0
         self.broken = False
         self._signalled_used: int | None = None
+        #: avail_event already asks for a kick at next_avail (EVENT_IDX): pop() found the ring
+        #: empty and armed it; popping anything clears this.
+        self._armed = False
         self._mem: GuestMemory | None = None
         self._ram: RamMap | None = None
         self._desc: memoryview | None = None
@@ -227,6 +230,7 @@ class Queue:
         self.next_avail = 0
         self.next_used = 0
         self._signalled_used = None
+        self._armed = False
 
     @property
     def active(self) -> bool:
@@ -283,7 +287,19 @@ class Queue:
                 return None
             pending = (self.avail_idx() - self.next_avail) & 0xFFFF
             if pending == 0:
-                return None
+                if not self.event_idx or self._armed:
+                    return None
+                # Empty: ask for a kick at the next entry. Only here, not on every pop, so a
+                # driver adding chains while we are busy with a batch does not kick (one VM
+                # exit each) for entries we are about to find anyway. The fence orders our
+                # avail_event store before the re-read: an entry added in between is seen
+                # here or kicks (virtio 1.2, 2.7.10).
+                self.set_avail_event(self.next_avail)
+                self._armed = True
+                self.full_fence()
+                if self.avail_idx() == self.next_avail:
+                    return None
+                continue
             if pending > self.size:
                 # No valid driver does this and no entry can be trusted any more: the queue is
                 # dead until the driver resets the device (virtio 1.2, 2.1.2 DEVICE_NEEDS_RESET).
@@ -294,8 +310,7 @@ class Queue:
             slot = self.next_avail % self.size
             head: int = _U16.unpack_from(avail, 4 + 2 * slot)[0]
             self.next_avail = (self.next_avail + 1) & 0xFFFF
-            if self.event_idx:
-                self.set_avail_event(self.next_avail)
+            self._armed = False
             try:
                 return self._parse_chain(head)
             except InvalidChain as err:
