@@ -2,8 +2,8 @@
 
 The guest (``e2e_tests/guest/blk_bench.c``) drives virtio-blk from CPL3 (native speed even on the
 emulating-KVM hosts), polls the used ring, and times itself: sequential 1 MiB and random 4 KiB,
-reads and writes, at queue depth 1 and ``qd`` (32). Four VMM set-ups run it on ONE fully allocated raw
-image (random data) in a fresh temp dir:
+reads and writes, at queue depth 1 and ``qd`` (32). Four VMM set-ups run it on ONE fully allocated
+raw image (random data) in a fresh temp dir:
 
 * ``qemu``       - ``-drive ...,format=raw,cache=none,aio=threads -device virtio-blk-pci`` (q35,
   qboot), exactly the fixture's ``qemu_command`` (O_DIRECT + a thread pool);
