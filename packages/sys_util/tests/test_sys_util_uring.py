@@ -172,3 +172,14 @@ def test_fd_ownership(image: tuple[int, bytes], buf: memoryview) -> None:
         ring.readv(fd, [buf[:4096]], 0, 2)
     with pytest.raises(OSError):
         os.fstat(ring_fd)  # the fd is really closed
+
+
+def test_worker_limit(image: tuple[int, bytes], buf: memoryview) -> None:
+    fd, data = image
+    with IoUring(8, max_workers=64) as ring:  # a restricted ring may still set it (before)
+        assert ring.readv(fd, [buf[:4096]], 0, 1, punt=True)
+        assert wait_for(ring, 1) == {1: 4096}
+    assert bytes(buf[:4096]) == data[:4096]
+    for bad in (-1, 1025):
+        with pytest.raises(InvalidArgument):
+            IoUring(8, max_workers=bad)

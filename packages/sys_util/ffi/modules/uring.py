@@ -30,7 +30,7 @@ typedef struct sys_util_uring sys_util_uring;
 #define IOSQE_ASYNC ...
 """
 FUNCTIONS = """
-sys_util_uring *sys_util_uring_new(unsigned entries, int restrict_ops);
+sys_util_uring *sys_util_uring_new(unsigned entries, int restrict_ops, unsigned max_workers);
 void sys_util_uring_free(sys_util_uring *ring);
 int sys_util_uring_fd(const sys_util_uring *ring);
 unsigned sys_util_uring_sq_entries(const sys_util_uring *ring);
@@ -108,7 +108,8 @@ static int uring_restrict(int fd)
     return (int)uring_register(fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0);
 }
 
-static sys_util_uring *sys_util_uring_new(unsigned entries, int restrict_ops)
+static sys_util_uring *sys_util_uring_new(unsigned entries, int restrict_ops,
+                                         unsigned max_workers)
 {
     struct io_uring_params p;
     sys_util_uring *r = calloc(1, sizeof(*r));
@@ -124,6 +125,13 @@ static sys_util_uring *sys_util_uring_new(unsigned entries, int restrict_ops)
     r->fd = (int)uring_setup(entries, &p);
     if (r->fd < 0)
         goto fail;
+    if (max_workers) {
+        /* Blocking file reads run on the kernel's "bounded" workers: by default 4 per CPU,
+         * which caps a deep queue of cold reads at that many disk requests in flight. */
+        unsigned workers[2] = {max_workers, 0};
+        if (uring_register(r->fd, IORING_REGISTER_IOWQ_MAX_WORKERS, workers, 2) < 0)
+            goto fail;
+    }
     if (restrict_ops && uring_restrict(r->fd) < 0)
         goto fail;
     r->sq_entries = p.sq_entries;

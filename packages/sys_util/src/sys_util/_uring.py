@@ -40,12 +40,18 @@ class IoUring:
     :meth:`submit`, collect ``(tag, result)`` pairs with :meth:`completions` -- ``result`` is the
     byte count, or ``-errno``. :meth:`close` waits for requests still in flight, so buffers are
     never written after it returns.
+
+    ``max_workers`` (0: the kernel's default, 4 per CPU) bounds the kernel threads that run
+    requests which would block, e.g. reads that miss the page cache: as many cold reads as that
+    are in flight at once.
     """
 
-    def __init__(self, entries: int = 256, *, restrict: bool = True) -> None:
+    def __init__(self, entries: int = 256, *, restrict: bool = True, max_workers: int = 0) -> None:
         if not 1 <= entries <= 4096:
             raise InvalidArgument(f"io_uring size {entries} is not in 1..4096")
-        ring = lib.sys_util_uring_new(entries, 1 if restrict else 0)
+        if not 0 <= max_workers <= 1024:
+            raise InvalidArgument(f"io_uring max_workers {max_workers} is not in 0..1024")
+        ring = lib.sys_util_uring_new(entries, 1 if restrict else 0, max_workers)
         if ring == ffi.NULL:
             code = ffi.errno
             raise OSError(code, f"{os.strerror(code)} (from io_uring_setup)")

@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 #: Enough for every descriptor of a 256-entry queue to be a request in flight.
 RING_ENTRIES = 256
+#: Kernel workers for reads that miss the page cache: the kernel's default (4 per CPU) kept a
+#: guest's 32 cold 4 KiB reads at 8 in flight (~8k IOPS here vs QEMU's 20k with 64 threads).
+IO_WORKERS = 64
 
 _READ, _WRITE, _FLUSH = 0, 1, 2
 
@@ -65,7 +68,7 @@ class RingIo(Generic[T]):
         # O_DIRECT reads are asynchronous in the ring itself: no page cache to try first, no
         # kernel worker needed.
         self._direct = disk.direct
-        self._ring = IoUring(entries)
+        self._ring = IoUring(entries, max_workers=IO_WORKERS)
         try:
             self.event = EventFd(nonblocking=True)
             self._ring.register_eventfd(self.event)
