@@ -82,7 +82,7 @@ def crosvm_exe() -> str:
     return found
 
 
-def vmm_argv(vmm: str, cfg: GuestConfig, crosvm: str) -> list[str]:
+def vmm_argv(vmm: str, cfg: GuestConfig, crosvm: str, hugepages: bool = False) -> list[str]:
     kernel = build_guest()
     if vmm == "qemu":
         return qemu_command(kernel, cfg)
@@ -92,6 +92,8 @@ def vmm_argv(vmm: str, cfg: GuestConfig, crosvm: str) -> list[str]:
     if vmm == "crosvm-direct":  # O_DIRECT, as QEMU's cache=none
         i = argv.index("--rwdisk")
         argv[i : i + 2] = ["--block", f"{argv[i + 1]},direct=true"]
+    if hugepages:
+        argv.insert(2, "--hugepages")
     return argv
 
 
@@ -208,7 +210,7 @@ def run_vm(vmm: str, image: Path, args: argparse.Namespace, crosvm: str, test: s
         mem_mib=512,
         disks=(Disk(image),),
     )
-    argv = vmm_argv(vmm, cfg, crosvm)
+    argv = vmm_argv(vmm, cfg, crosvm, args.hugepages)
     timeout = 2 * args.bench_ms / 1000 + 120
     try:
         with GuestVm(argv) as vm:
@@ -373,6 +375,11 @@ def main() -> int:
     ap.add_argument(
         "--hot", action="store_true", help="keep the image in the page cache (VMM path only)"
     )
+    ap.add_argument(
+        "--hugepages",
+        action="store_true",
+        help="run crosvm with --hugepages (QEMU's anonymous guest RAM gets THP by itself)",
+    )
     ap.add_argument("--json", type=Path, help="write every raw figure here")
     args = ap.parse_args()
     if not args.tests or set(args.tests) - set(TESTS):
@@ -382,6 +389,11 @@ def main() -> int:
     build_guest()
     started = time.monotonic()
     print(f"load average at start: {loadavg()}  (2 host CPUs; other jobs share them)")
+    thp = {
+        name: Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text().strip()
+        for name in ("enabled", "shmem_enabled")
+    }
+    print(f"THP: {thp}; crosvm --hugepages: {args.hugepages}")
     rounds: list[dict[str, Figures]] = []
     host: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="pycrosvm-blkbench-") as tmp:

@@ -342,6 +342,22 @@ def test_disk_resize_reaches_a_jailed_block_device(tmp_path: Path) -> None:
         assert vm.wait(10).returncode == 0
 
 
+def test_hugepages_guest_reads_its_disk_sandboxed(tmp_path: Path) -> None:
+    """``--hugepages`` (MADV_HUGEPAGE on guest memory, inherited by the jailed block device):
+    the guest still reads its disk intact; a host that gives shmem no THP gets a warning."""
+    from sys_util import shmem_hugepages_enabled
+
+    disk = make_disk(tmp_path / "h.img", 4 << 20, seed=3)
+    result = subprocess.run(
+        [CROSVM, "run", "--hugepages", "--no-rng", "--no-balloon", "-d", str(disk),
+         "-p", "scenario=blk-read-sha256", str(__import__("fixture").build_guest())],
+        capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"sha256={sha256(disk)}" in result.stdout
+    assert ("4 KiB pages" in result.stderr) is not shmem_hugepages_enabled(), result.stderr
+
+
 def test_block_read_without_the_sandbox(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "n.img", 4 << 20, seed=2)
     result = run_crosvm("--no-rng", "-d", str(disk), "-p", "scenario=blk-read-sha256",

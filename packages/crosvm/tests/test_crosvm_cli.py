@@ -125,3 +125,8 @@ def test_mac_alone_goes_with_an_existing_tap(kernel: Path) -> None:
     assert [(n.tap_name, n.mac) for n in config.net] == [("vmtap7", "02:00:00:00:00:07")]
     with pytest.raises(ConfigError, match="together"):
         parse_run_args(["--mac", "02:00:00:00:00:07", str(kernel)])
+
+
+def test_hugepages_is_off_unless_asked(kernel: Path) -> None:
+    assert parse_run_args([str(kernel)]).hugepages is False
+    assert parse_run_args(["--hugepages", str(kernel)]).hugepages is True

@@ -5,6 +5,7 @@ import os
 import pickle
 import struct
 import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from sys_util import (
     InvalidArgument,
     MemoryMapping,
     pagesize,
+    shmem_hugepages_enabled,
 )
 
 MB = 1 << 20
@@ -390,3 +392,43 @@ def test_keep_fds_names_the_memfd_and_the_mmap_duplicate(mem: GuestMemory) -> No
     assert len(fds) == 2  # CPython 3.11 mmap holds a dup of the fd it maps
     for fd in fds:
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:crosvm_guest")
+
+
+def _vm_flags(mem: GuestMemory) -> list[str]:
+    start = f"{mem.regions[0].host_address:x}-"
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(start):
+            for flag_line in lines[i + 1 :]:
+                if flag_line.startswith("VmFlags:"):
+                    return flag_line.split()[1:]
+    raise AssertionError("guest memory mapping not found in smaps")
+
+
+def test_hugepages_marks_the_mapping_for_transparent_huge_pages() -> None:
+    with GuestMemory([(0, 4 << 20)], hugepages=True) as mem:
+        assert "hg" in _vm_flags(mem)  # MADV_HUGEPAGE (used if the host allows shmem THP)
+        mem.write_u64(3 << 20, 42)
+        assert mem.read_u64(3 << 20) == 42
+    with GuestMemory([(0, 4 << 20)]) as mem:
+        assert "hg" not in _vm_flags(mem)
+
+
+@pytest.mark.parametrize(
+    ("text", "enabled"),
+    [
+        ("always within_size advise [never] deny force\n", False),
+        ("always within_size [advise] never deny force\n", True),
+        ("[always] within_size advise never deny force\n", True),
+        ("always [within_size] advise never deny force\n", True),
+        ("always within_size advise never [deny] force\n", False),
+        ("garbage\n", False),
+    ],
+)
+def test_shmem_hugepages_enabled_reads_the_bracketed_setting(
+    tmp_path: Path, text: str, enabled: bool
+) -> None:
+    setting = tmp_path / "shmem_enabled"
+    setting.write_text(text)
+    assert shmem_hugepages_enabled(str(setting)) is enabled
+    assert shmem_hugepages_enabled(str(tmp_path / "missing")) is False

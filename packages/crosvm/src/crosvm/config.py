@@ -99,6 +99,8 @@ class Config:
 
     kernel: Path
     mem_mib: int = DEFAULT_MEM_MIB
+    #: ask for transparent huge pages for guest memory (crosvm's --hugepages)
+    hugepages: bool = False
     cpus: int = DEFAULT_CPUS
     params: list[str] = field(default_factory=list)
     initrd: Path | None = None
@@ -244,6 +246,10 @@ def build_run_parser() -> argparse.ArgumentParser:
         parser.add_argument(*flags, action=_DiskAction, dest="disks", metavar="PATH", help=text)
     parser.add_argument("-s", "--socket", type=Path, metavar="PATH", help="control socket")
     parser.add_argument(
+        "--hugepages", action="store_true",
+        help="back guest memory with transparent huge pages (needs THP for shmem on the host)",
+    )  # fmt: skip
+    parser.add_argument(
         "--disable-sandbox", action="store_true", help="run every device in the main process"
     )
     parser.add_argument("--seccomp-policy-dir", type=Path, metavar="DIR")
@@ -299,6 +305,7 @@ def parse_run_args(argv: Sequence[str]) -> Config:
     return Config(
         kernel=ns.kernel,
         mem_mib=ns.mem,
+        hugepages=ns.hugepages,
         cpus=ns.cpus,
         params=ns.params,
         initrd=ns.initrd,

@@ -45,7 +45,7 @@ from devices.virtio import Block, Console, Rng, VirtioDevice, VirtioError, Virti
 from devices.virtio.balloon import BALLOON_PAGE_SIZE, Balloon, BalloonStat
 from devices.virtio.net import Net
 from devices.virtio.vsock import Vsock
-from sys_util import RawTerminal
+from sys_util import SHMEM_THP_SETTING, RawTerminal, shmem_hugepages_enabled
 
 log = logging.getLogger("crosvm")
 
@@ -259,6 +259,12 @@ def run_config(config: Config) -> int:
     """Build and run the VM; return the exit status for ``crosvm run``."""
     serial = _serial_parameters(config)
     cmdline = _kernel_cmdline(config, serial)
+    if config.hugepages and not shmem_hugepages_enabled():
+        log.warning(
+            "--hugepages: this host gives shared memory no transparent huge pages (%s is not "
+            "always, within_size or advise); guest memory uses 4 KiB pages",
+            SHMEM_THP_SETTING,
+        )
     with contextlib.ExitStack() as stack:
         try:
             com_ports: list[ComPort] = create_com_ports(serial)
@@ -281,6 +287,7 @@ def run_config(config: Config) -> int:
         pci = _pci_factories(config, serial, stack, sandbox, disk_resizers, balloons)
         vm_config = VmConfig(
             memory_size=config.mem_mib << 20,
+            hugepages=config.hugepages,
             kernel=config.kernel,
             vcpu_count=config.cpus,
             initrd=config.initrd,

@@ -10,7 +10,12 @@ from sys_util._cpus import number_of_online_cpus, online_cpus, parse_cpu_list, r
 from sys_util._eventfd import EventFd
 from sys_util._falloc import allocate, fallocate, punch_hole, write_zeroes
 from sys_util._fd import AsRawFd, OwnedFd
-from sys_util._guest_memory import GuestMemory, MemoryRegion
+from sys_util._guest_memory import (
+    SHMEM_THP_SETTING,
+    GuestMemory,
+    MemoryRegion,
+    shmem_hugepages_enabled,
+)
 from sys_util._logging import init_logging, logging_fds, reset_logging
 from sys_util._mmap import BytesLike, MemoryMapping, pagesize
 from sys_util._poll import PollContext, PollEvents
@@ -34,6 +39,7 @@ from sys_util.errors import Error, GuestMemoryError, InvalidArgument, MessageTru
 
 __all__ = [
     "KICK_SIGNAL",
+    "SHMEM_THP_SETTING",
     "AsRawFd",
     "BytesLike",
     "Error",
@@ -75,6 +81,7 @@ __all__ = [
     "reset_logging",
     "restore_mode",
     "set_raw_mode",
+    "shmem_hugepages_enabled",
     "signals_blocked",
     "unblock_signals",
     "uring_supported",

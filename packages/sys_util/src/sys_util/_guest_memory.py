@@ -28,7 +28,7 @@ from sys_util._mmap import BytesLike, MemoryMapping, pagesize
 from sys_util._shm import Seals, SharedMemory
 from sys_util.errors import GuestMemoryError, InvalidArgument
 
-__all__ = ["GuestMemory", "MemoryRegion"]
+__all__ = ["SHMEM_THP_SETTING", "GuestMemory", "MemoryRegion", "shmem_hugepages_enabled"]
 
 _U64_END = 1 << 64
 _U8 = struct.Struct("<B")
@@ -61,6 +61,8 @@ class GuestMemory:
         regions: ``(guest_base, size)`` pairs; page aligned, non-empty, non-overlapping.
         name: the memfd name (visible in /proc/PID/maps and fd listings).
         memfd: adopt this sealed memfd instead of creating one (see :meth:`from_shared_memory`).
+        hugepages: ask for transparent huge pages (``MADV_HUGEPAGE``); they back the memory only
+            if the host allows THP for shared memory (see :func:`shmem_hugepages_enabled`).
 
     Addresses may be plain ints or :class:`GuestAddress`. Every access raises
     :class:`~sys_util.errors.GuestMemoryError` unless it lies entirely in guest RAM; ``view``,
@@ -101,6 +103,7 @@ class GuestMemory:
         *,
         name: str = "crosvm_guest",
         memfd: SharedMemory | None = None,
+        hugepages: bool = False,
     ) -> None:
         layout = _validate(regions)
         total = sum(size for _, size in layout)
@@ -125,6 +128,11 @@ class GuestMemory:
         self._memfd = memfd
         self._mapping = mapping
         self._mm: mmap.mmap = mapping.mmap
+        if hugepages:
+            # Transparent huge pages for the shared mapping (and, inherited, for the device
+            # processes' mappings): fewer TLB misses and far cheaper pinning and copying of
+            # large guest buffers. Effective only where the host lets shmem use THP.
+            self._mm.madvise(mmap.MADV_HUGEPAGE)
         self._mv: memoryview = mapping.view()
         # Scalar stores go through casts of the mapping: one aligned store each. struct.pack_into
         # zeroes its destination first, so a vCPU reading concurrently could see a transient 0.
@@ -514,3 +522,22 @@ def _validate(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
             raise InvalidArgument(f"region at {base:#x} overlaps the region before it")
         prev_end = base + size
     return layout
+
+
+SHMEM_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+
+
+def shmem_hugepages_enabled(path: str = SHMEM_THP_SETTING) -> bool:
+    """Whether ``GuestMemory(..., hugepages=True)`` can get huge pages on this host.
+
+    Guest memory is a memfd (shared memory), whose THP policy is the ``shmem_enabled`` sysfs
+    setting (the bracketed word): ``always``, ``within_size`` and ``advise`` honour our
+    MADV_HUGEPAGE; ``never`` and ``deny`` (Debian's default is ``never``) do not.
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return False
+    start, end = text.find("["), text.find("]")
+    return 0 <= start < end and text[start + 1 : end] in ("always", "within_size", "advise")

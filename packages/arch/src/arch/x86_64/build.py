@@ -141,6 +141,7 @@ class VmConfig:
             Linux guest its fallback probes for PCI BIOS (seconds when emulated).
         kvm: an open ``Kvm`` to use (the caller keeps owning it); default: open ``/dev/kvm``.
         memory: guest memory built from :func:`memory_layout` (default: created and owned).
+        hugepages: when the VM creates its memory, ask for transparent huge pages for it.
     """
 
     memory_size: int
@@ -153,6 +154,7 @@ class VmConfig:
     pci_bus: bool | None = None
     kvm: Kvm | None = None
     memory: GuestMemory | None = None
+    hugepages: bool = False
 
 
 @dataclass(eq=False)
@@ -312,7 +314,7 @@ def _build(
     step("create guest memory")
     memory = config.memory
     if memory is None:
-        memory = stack.enter_context(GuestMemory(layout.regions))
+        memory = stack.enter_context(GuestMemory(layout.regions, hugepages=config.hugepages))
     elif [(r.guest_base, r.size) for r in memory.regions] != list(layout.regions):
         raise VmSetupError("guest memory", "regions do not match memory_layout(memory_size)")
     step("open /dev/kvm")
