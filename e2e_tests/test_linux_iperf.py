@@ -199,8 +199,9 @@ def test_iperf3_closure_runs_from_the_initramfs_tree(tmp_path: Path) -> None:
     assert version.startswith("iperf 3."), version
 
 
-# One namespace and one boot for the module's tests: a boot costs minutes where the guest kernel
-# is emulated, and the tests leave the guest as they found it.
+# One boot for both checks, in ONE test: a boot costs minutes where the guest kernel is emulated,
+# and with pytest 9.2 + xdist 3.8 `xdist_group` does not keep a module's tests on one worker
+# (xdist renames `item._nodeid`, pytest 9 reads `item._id`), so two tests could boot twice at once.
 @pytest.fixture(scope="module")
 def netns() -> Iterator[Netns]:
     ns = Netns()
@@ -228,7 +229,17 @@ def guest(
 
 
 @linux_vm
-def test_iperf3_both_directions(netns: Netns, guest: NetnsGuest, host_profile: HostProfile) -> None:
+def test_iperf3_and_tcp_bulk_both_ways(
+    netns: Netns, guest: NetnsGuest, host_profile: HostProfile, tmp_path: Path
+) -> None:
+    """iperf3 both ways, then a sha256-checked blob each way (see the two checks)."""
+    check_iperf3_both_directions(netns, guest, host_profile)
+    check_tcp_bulk_transfer_sha256_both_ways(netns, guest, host_profile, tmp_path)
+
+
+def check_iperf3_both_directions(
+    netns: Netns, guest: NetnsGuest, host_profile: HostProfile
+) -> None:
     """Guest iperf3 client -> host server (guest transmits), then ``-R`` (guest receives): both
     ends report bytes moved, and neither reports an error."""
     timeout = host_profile.scale(60) + IPERF_SECONDS
@@ -285,8 +296,7 @@ def _tcp_peer(ns: Netns, mode: str, port: int, path: str, timeout: float) -> sub
     return proc
 
 
-@linux_vm
-def test_tcp_bulk_transfer_sha256_both_ways(
+def check_tcp_bulk_transfer_sha256_both_ways(
     netns: Netns, guest: NetnsGuest, host_profile: HostProfile, tmp_path: Path
 ) -> None:
     """A random blob each way over one TCP connection per direction (busybox ``nc`` in the
