@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fixture import GuestConfig, GuestVm, build_guest, command, launch
+from fixture import GuestConfig, GuestVm, build_guest, command, connect_guest_port, launch
 
 pytestmark = [pytest.mark.kvm]
 
@@ -40,20 +40,6 @@ def _cid() -> int:
 
 def _default_path(cid: int) -> Path:
     return Path(os.environ.get("TMPDIR", "/tmp")) / f"crosvm-vsock-{cid}.sock"
-
-
-def _connect(path: Path, port: int) -> tuple[socket.socket, bytes]:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(60)
-    sock.connect(str(path))
-    sock.sendall(f"CONNECT {port}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        line += chunk
-    return sock, line
 
 
 def _echo(sock: socket.socket, data: bytes) -> bytes:
@@ -101,7 +87,7 @@ def test_host_to_guest_echo_matches_sha256(size: int) -> None:
     path = _default_path(cid)
     with launch(GuestConfig("vsock-echo", vsock_cid=cid), vmm="crosvm", crosvm=CROSVM) as vm:
         vm.wait_for("READY vsock-echo", TIMEOUT)
-        sock, line = _connect(path, 5000)
+        sock, line = connect_guest_port(path, 5000)
         with sock:
             assert line.startswith(b"OK ") and int(line[3:]) >= 1 << 30, line
             data = os.urandom(size) + b"END\n"
@@ -132,10 +118,10 @@ def test_connect_to_a_port_the_guest_does_not_listen_on_is_refused(tmp_path: Pat
             chunk = proc.stdout.readline()
             assert chunk, out
             out += chunk
-        sock, line = _connect(path, 5001)
+        sock, line = connect_guest_port(path, 5001)
         sock.close()
         assert line == b""
-        sock, line = _connect(path, 5000)  # the guest is still serving
+        sock, line = connect_guest_port(path, 5000)  # the guest is still serving
         with sock:
             assert line.startswith(b"OK ")
             assert _echo(sock, b"still here\nEND\n") == b"still here\nEND\n"

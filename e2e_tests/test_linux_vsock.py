@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fixture import HostProfile
+from fixture import HostProfile, connect_guest_port
 from kit import (
     CommandResult,
     ensure_initramfs,
@@ -48,21 +48,6 @@ UNUSED_PORT = 4999
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _connect_uds(uds: Path, port: int, timeout: float) -> tuple[socket.socket, bytes]:
-    """Connect to the device's socket and ask for guest ``port``: (socket, answer line)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(str(uds))
-    sock.sendall(f"CONNECT {port}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            break
-        line += chunk
-    return sock, line
 
 
 def _exchange(sock: socket.socket, data: bytes) -> bytes:
@@ -213,7 +198,7 @@ def test_linux_vsock_streams_both_ways(vm: LinuxVsockVm, host_profile: HostProfi
     assert r.lines == ("vsockcat: connect: Connection reset by peer",), vm.context()
 
     # 2. host -> guest port nobody listens on: the device closes our socket without "OK"
-    sock, line = _connect_uds(vm.uds, 5999, t)
+    sock, line = connect_guest_port(vm.uds, 5999, t)
     with sock:
         assert line == b"", line
         assert sock.recv(1) == b""
@@ -229,7 +214,7 @@ def test_linux_vsock_streams_both_ways(vm: LinuxVsockVm, host_profile: HostProfi
     to_guest = os.urandom(size)
     job = vm.start("vsockcat -v listen 5000 < /tmp/g2h | sha256sum", xfer)
     _wait_listening(vm, 5000, job, xfer)
-    sock, line = _connect_uds(vm.uds, 5000, xfer)
+    sock, line = connect_guest_port(vm.uds, 5000, xfer)
     t0 = time.monotonic()
     with sock:
         assert line.startswith(b"OK ") and line.endswith(b"\n"), line

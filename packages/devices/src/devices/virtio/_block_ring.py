@@ -96,17 +96,15 @@ class RingIo(Generic[T]):
         """Read into ``iovecs``; True if it is done already or queued, False if the ring is
         full. A read served from the page cache right away completes with ``(token, None)``
         at the next :meth:`completions`."""
-        request = _Request(_READ, token, iovecs, offset, length)
-        if self._direct:
-            return self._queue(request)
-        try:
-            got = os.preadv(self._fd, iovecs, offset, os.RWF_NOWAIT)
-        except OSError:  # EAGAIN: not cached (the ring reads it)
-            got = -1
-        if got == length:
-            self._done.append((token, None))
-            return True
-        return self._queue(request)
+        if not self._direct:
+            try:
+                got = os.preadv(self._fd, iovecs, offset, os.RWF_NOWAIT)
+            except OSError:  # EAGAIN: not cached (the ring reads it)
+                got = -1
+            if got == length:
+                self._done.append((token, None))
+                return True
+        return self._queue(_Request(_READ, token, iovecs, offset, length))
 
     def write(self, token: T, iovecs: Sequence[memoryview], offset: int, length: int) -> bool:
         return self._queue(_Request(_WRITE, token, iovecs, offset, length))
