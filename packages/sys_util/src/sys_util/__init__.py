@@ -35,7 +35,14 @@ from sys_util._signal import (
 from sys_util._terminal import RawTerminal, restore_mode, set_raw_mode
 from sys_util._timerfd import TimerFd
 from sys_util._uring import IoUring, uring_supported
-from sys_util.errors import Error, GuestMemoryError, InvalidArgument, MessageTruncated
+from sys_util._vhost import Vhost, VhostNet, VhostVsock
+from sys_util.errors import (
+    Error,
+    GuestMemoryError,
+    InvalidArgument,
+    MessageTruncated,
+    VhostError,
+)
 
 __all__ = [
     "KICK_SIGNAL",
@@ -61,6 +68,10 @@ __all__ = [
     "TimerFd",
     "UnixSeqpacket",
     "UnixSeqpacketListener",
+    "Vhost",
+    "VhostError",
+    "VhostNet",
+    "VhostVsock",
     "__version__",
     "allocate",
     "block_signals",

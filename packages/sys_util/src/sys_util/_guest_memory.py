@@ -226,6 +226,17 @@ class GuestMemory:
                 fds.append(fd)
         return sorted(fds)
 
+    def host_regions(self) -> list[tuple[int, int, int]]:
+        """``(guest_base, size, host_address)`` per region: a memory table for the kernel.
+
+        ``host_address`` is where this process maps the region (the mapping is inherited by a
+        forked device process at the same address), which is what ``KVM_SET_USER_MEMORY_REGION``
+        and vhost's ``VHOST_SET_MEM_TABLE`` need. Raises ``OSError(EBADF)`` once closed.
+        """
+        if self._closed:
+            raise OSError(errno.EBADF, "GuestMemory is closed")
+        return [(int(r.guest_base), r.size, r.host_address) for r in self._regions]
+
     def end_addr(self) -> GuestAddress:
         """The first guest address after the highest region."""
         return GuestAddress(self._ends[-1])

@@ -22,6 +22,7 @@ __all__ = [
     "MessageTruncated",
     "PollError",
     "SysfsError",
+    "VhostError",
 ]
 
 
@@ -123,3 +124,31 @@ class SysfsError(Error):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.message))
+
+
+class VhostError(Error):
+    """A vhost ioctl (or opening a vhost node) failed.
+
+    Attributes:
+        request: the ioctl's name (``"VHOST_SET_MEM_TABLE"``) or ``"open"``.
+        code: the errno (also ``.errno``).
+        detail: what went wrong, when more is known than the errno says.
+        path: the device node, for ``open``.
+    """
+
+    def __init__(
+        self, request: str, code: int, detail: str | None = None, *, path: str | None = None
+    ) -> None:
+        self.request = request
+        self.code = code
+        self.detail = detail
+        self.path = path
+        text = detail if detail is not None else os.strerror(code)
+        super().__init__(code, text if request == "open" else f"{request} failed: {text}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_make_vhost_error, (self.request, self.code, self.detail, self.path))
+
+
+def _make_vhost_error(request: str, code: int, detail: str | None, path: str | None) -> VhostError:
+    return VhostError(request, code, detail, path=path)
