@@ -10,6 +10,7 @@ from sys_util._cpus import number_of_online_cpus, online_cpus, parse_cpu_list, r
 from sys_util._eventfd import EventFd
 from sys_util._falloc import allocate, fallocate, punch_hole, write_zeroes
 from sys_util._fd import AsRawFd, OwnedFd
+from sys_util._frame_ring import FrameBatch, FrameRing
 from sys_util._guest_memory import (
     SHMEM_THP_SETTING,
     GuestMemory,
@@ -51,6 +52,8 @@ __all__ = [
     "BytesLike",
     "Error",
     "EventFd",
+    "FrameBatch",
+    "FrameRing",
     "GuestAddress",
     "GuestMemory",
     "GuestMemoryError",

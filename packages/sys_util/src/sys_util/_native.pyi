@@ -58,6 +58,19 @@ class _Lib:
     def timerfd_create(self, clockid: int, flags: int) -> int: ...
     def timerfd_settime(self, fd: int, flags: int, new_value: Any, old_value: Any) -> int: ...
     def timerfd_gettime(self, fd: int, curr_value: Any) -> int: ...
+    # vring.py
+    SYS_UTIL_VQ_DONE: int
+    SYS_UTIL_VQ_SLOW: int
+    SYS_UTIL_VQ_EMPTY_FD: int
+    SYS_UTIL_VQ_FD_ERROR: int
+    SYS_UTIL_VQ_OVERSIZE: int
+    def sys_util_vq_tx(
+        self, vq: Any, fd: int, budget: int, hdr_len: int, max_len: int, batch: Any
+    ) -> int: ...
+    def sys_util_vq_rx(
+        self, vq: Any, fd: int, budget: int, hdr_len: int, clear_flags: int, stage: Any,
+        stage_len: int, batch: Any,
+    ) -> int: ...
     # Modules added by other owners (e.g. jail.py) are reachable untyped.
     def __getattr__(self, name: str) -> Any: ...
 

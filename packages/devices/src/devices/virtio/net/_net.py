@@ -12,7 +12,7 @@ straight into the guest's receive buffer; a 64 KiB host buffer catches what does
 Both directions work in batches: every frame the tap or the ring has at a wake-up (up to
 ``RX_BATCH``/``TX_BATCH``), one used-index store and one interrupt check per batch. Chains of
 the common shape (one descriptor in RAM region 0) are read straight off the rings
-(:class:`~devices.virtio.net._ring.FastRing`), without building a DescriptorChain; every
+(:class:`sys_util.FrameRing`, in C), without building a DescriptorChain; every
 other chain goes through ``Queue.pop``, which validates it fully. Without
 mergeable buffers such a frame is dropped (the guest's buffer is kept for the next one); with
 ``VIRTIO_NET_F_MRG_RXBUF`` the rest is copied into further buffers and ``num_buffers`` is set.
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 from devices.virtio._constants import DeviceType, Features
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
-from devices.virtio._queue import VIRTQ_DESC_F_WRITE, DescriptorChain, Queue
-from devices.virtio.net._ring import FastRing
+from devices.virtio._queue import DescriptorChain, Queue
+from devices.virtio.net._ring import frame_ring, region0
 from devices.virtio.net._tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -42,7 +42,7 @@ from devices.virtio.net._tap import (
     TUN_F_TSO_ECN,
     Tap,
 )
-from sys_util import AsRawFd
+from sys_util import AsRawFd, FrameRing
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -199,8 +199,9 @@ class Net(ThreadedVirtioDevice):
         self._rx_held: DescriptorChain | None = None
         self._rx_pending: _Merge | None = None
         self._rx_slow = False
-        self._tx_ring: FastRing | None = None
-        self._rx_ring: FastRing | None = None
+        self._tx_ring: FrameRing | None = None
+        self._rx_ring: FrameRing | None = None
+        self._rx_ram = memoryview(b"")
         self._stage = bytearray(MAX_FRAME_BYTES + 16)
         self._stage_view = memoryview(self._stage)
         super().__init__()
@@ -259,15 +260,23 @@ class Net(ThreadedVirtioDevice):
         self._rx_pending = None
         self._rx_slow = False
         assert self.mem is not None
-        self._rx_ring = FastRing(self.queues[RXQ], self.mem) if len(self.queues) > RXQ else None
-        self._tx_ring = FastRing(self.queues[TXQ], self.mem) if len(self.queues) > TXQ else None
+        self._rx_ram = region0(self.mem)
+        if len(self.queues) > RXQ:
+            self._rx_ring = frame_ring(self.queues[RXQ], self.mem, self._rx_ram)
+            self._rx_ring.set_stage(self._stage)
+        if len(self.queues) > TXQ:
+            self._tx_ring = frame_ring(self.queues[TXQ], self.mem, self._rx_ram)
 
     def on_reset(self) -> None:
         self._tap_polled = False
         self._rx_held = None
         self._rx_pending = None
         self._rx_slow = False
-        self._rx_ring = self._tx_ring = None  # drop the views of guest memory
+        for ring in (self._rx_ring, self._tx_ring):
+            if ring is not None:
+                ring.close()  # unpin guest memory
+        self._rx_ring = self._tx_ring = None
+        self._rx_ram = memoryview(b"")
 
     def close(self) -> None:
         super().close()
@@ -317,63 +326,23 @@ class Net(ThreadedVirtioDevice):
         ring = self._tx_ring
         if ring is None or queue.broken:
             return 0
-        avail = ring.avail
-        size = ring.size
-        next_avail = queue.next_avail
-        pending = (avail[1] - next_avail) & 0xFFFF
-        if pending == 0:
-            return 0
-        if pending > size:  # a driver bug Queue.pop reports and stops the queue for
-            queue.pop()
-            return 0
-        mask, desc, used = ring.mask, ring.desc, ring.used
-        ram, base, span = ring.ram, ring.base, ring.end - ring.base
-        write = os.write
-        fd = self.tap.fileno()
         hdr = self._hdr_len
-        limit = hdr + MAX_FRAME_BYTES
-        first = next_avail
-        stop = next_avail + (pending if pending < TX_BATCH else TX_BATCH)
-        used_slot = queue.next_used - next_avail  # + next_avail: this chain's used slot
-        errors = nbytes = 0
-        slow = False
-        while next_avail != stop:
-            head = avail[2 + (next_avail & mask)]
-            if head >= size:
-                slow = True
-                break
-            meta = desc[(head << 1) + 1]
-            off = desc[head << 1] - base
-            length = meta & 0xFFFF_FFFF
-            # The common chain: ONE device-readable descriptor (flags 0: header + frame) in
-            # region 0. Anything else, including a chain that breaks a rule, goes to Queue.pop.
-            if (
-                meta & 0xFFFF_0000_0000
-                or not hdr <= length <= limit
-                or not 0 <= off <= span - length
-            ):
-                slow = True
-                break
-            try:
-                write(fd, ram[off : off + length])
-            except OSError as err:  # the kernel refused the header or frame
-                errors += 1
-                self.log.warn("tx frame of %d bytes dropped: %s", length - hdr, err)
-            else:
-                nbytes += length
-            used[(used_slot + next_avail) & mask] = head  # id = head, len = 0 (nothing written)
-            next_avail += 1
-        done = next_avail - first
-        next_used = used_slot + next_avail
-        frames = done - errors
+        b = ring.tx(self.tap.fileno(), queue.next_avail, queue.next_used, TX_BATCH, hdr,
+                    hdr + MAX_FRAME_BYTES)  # fmt: skip
+        done = (b.next_avail - queue.next_avail) & 0xFFFF
         stats = self.stats
-        stats.tx_frames += frames  # counters first: a test may read them once it sees used
-        stats.tx_bytes += nbytes - frames * hdr
-        stats.tx_errors += errors
-        queue.next_avail = next_avail & 0xFFFF
-        ring.publish(queue, next_used & 0xFFFF)
-        if slow:
-            chain = queue.pop()
+        if done:
+            stats.tx_frames += b.frames  # counters first: a test may read them once it sees used
+            stats.tx_bytes += b.nbytes - b.frames * hdr
+            queue.next_avail = b.next_avail
+            queue.next_used = b.next_used
+            if b.errors:  # the kernel refused the header or frame
+                stats.tx_errors += b.errors
+                self.log.warn("%d tx frames dropped: %s", b.errors, os.strerror(b.last_errno))
+        if b.status == FrameRing.SLOW or (
+            not done and (queue.avail_idx() - queue.next_avail) & 0xFFFF > queue.size
+        ):
+            chain = queue.pop()  # validates it fully (and reports a driver's index bug)
             if chain is not None:
                 self._tx_chain(chain, queue)
                 done += 1
@@ -446,82 +415,43 @@ class Net(ThreadedVirtioDevice):
         assert ring is not None
         if queue.broken:
             return None
-        avail = ring.avail
-        size = ring.size
-        next_avail = queue.next_avail
-        pending = (avail[1] - next_avail) & 0xFFFF
-        if pending == 0:
-            return None if self._out_of_buffers(queue) else 0
-        if pending > size:
-            queue.pop()  # reports the driver bug and stops the queue
-            return None
-        mask, desc, used = ring.mask, ring.desc, ring.used
-        ram, base, span = ring.ram, ring.base, ring.end - ring.base
-        readv = os.readv
-        fd = self.tap.fileno()
         hdr = self._hdr_len
-        iov = [self._stage_view, self._stage_view]  # [0] becomes the guest's buffer
-        clear_flags = not self._guest_csum
-        next_used = queue.next_used
-        frames = nbytes = 0
-        stop = False
+        b = ring.rx(self.tap.fileno(), queue.next_avail, queue.next_used, budget, hdr,
+                    not self._guest_csum)  # fmt: skip
         stats = self.stats
-        for _ in range(pending if pending < budget else budget):
-            head = avail[2 + (next_avail & mask)]
-            if head >= size:
-                self._rx_slow = True
-                break
-            meta = desc[(head << 1) + 1]
-            off = desc[head << 1] - base
-            length = meta & 0xFFFF_FFFF
-            # ONE device-writable descriptor (flags == WRITE) in region 0, room for a header.
-            if (
-                (meta >> 32) & 0xFFFF != VIRTQ_DESC_F_WRITE
-                or length < hdr
-                or not 0 <= off <= span - length
-            ):
-                self._rx_slow = True
-                break
-            view = iov[0] = ram[off : off + length]
-            try:
-                n = readv(fd, iov)
-            except BlockingIOError:  # the tap is empty; the buffer stays available
-                stop = True
-                break
-            except OSError as err:
-                if err.errno != errno.EINTR:
-                    self.log.warn("tap read failed: %s", err)
-                stop = True
-                break
-            if n < hdr:  # cannot happen with IFF_VNET_HDR; never hand the guest a stub
-                stats.rx_dropped += 1
-                continue
-            if clear_flags:
-                ram[off] = 0  # flags: the guest did not ask for DATA_VALID
-            if n <= length:
-                if hdr == 12:
-                    ram[off + 10] = 1  # num_buffers = 1 (the tap writes only 10 bytes)
-                    ram[off + 11] = 0
-                used[next_used & mask] = head | n << 32
-                next_avail += 1
-                next_used += 1
-                frames += 1
-                nbytes += n
-            elif self._mrg:  # the rest goes into more buffers, copied from the stage
-                next_avail += 1
+        stats.rx_frames += b.frames  # counters first: a test may read them once it sees used
+        stats.rx_bytes += b.nbytes - b.frames * hdr
+        stats.rx_dropped += b.errors
+        queue.next_avail = b.next_avail
+        queue.next_used = b.next_used
+        status = b.status
+        if status == FrameRing.DONE:
+            if b.frames or b.errors:
+                return b.frames
+            if (queue.avail_idx() - queue.next_avail) & 0xFFFF > queue.size:
+                queue.pop()  # reports the driver bug and stops the queue
+                return None
+            return None if self._out_of_buffers(queue) else 0
+        if status == FrameRing.SLOW:
+            self._rx_slow = True  # the next buffer has another shape: Queue.pop takes it
+            return b.frames
+        if status == FrameRing.OVERSIZE:
+            assert b.oversize is not None
+            head, off, length, n = b.oversize
+            if self._mrg:  # the rest goes into more buffers, copied from the stage
+                view = self._rx_ram[off : off + length]
                 self._rx_pending = _Merge([view], n - length, 0, [(head, length)])
                 stats.rx_bytes += n - hdr
-                break
             else:
                 # Bigger than the buffer the guest gave (it did not ask for offloads that
                 # would produce this): drop the frame, keep the buffer for the next one.
+                queue.next_avail = (queue.next_avail - 1) & 0xFFFF
                 stats.rx_dropped += 1
                 self.log.warn("rx frame of %d bytes dropped: receive buffer holds %d", n, length)
-        stats.rx_frames += frames  # counters first: a test may read them once it sees used
-        stats.rx_bytes += nbytes - frames * hdr
-        queue.next_avail = next_avail & 0xFFFF
-        ring.publish(queue, next_used & 0xFFFF)
-        return None if stop else frames
+            return b.frames
+        if status == FrameRing.FD_ERROR and b.last_errno != errno.EINTR:
+            self.log.warn("tap read failed: %s", os.strerror(b.last_errno))
+        return None  # EMPTY_FD or FD_ERROR: the buffer stays available
 
     def _rx_one_chain(self, queue: Queue) -> int | None:
         """One receive buffer of any shape, through Queue.pop: 1 frame delivered, 0, or stop."""
