@@ -117,10 +117,27 @@ static inline int sys_util_vq_single(const struct sys_util_vq *vq, uint32_t head
     return 1;
 }
 
-static inline void sys_util_vq_publish(const struct sys_util_vq *vq, uint32_t next_used)
+/* How many chains to look at: those available, up to `budget`; none if the driver's index is
+   more than a ring ahead (a driver bug the caller's full path reports). Clears the counters. */
+static inline uint32_t sys_util_vq_start(const struct sys_util_vq *vq,
+                                         struct sys_util_vq_batch *b, uint32_t budget)
 {
-    /* the elements were stored first; release orders them before the index */
-    __atomic_store_n(vq->used_idx, (uint16_t)next_used, __ATOMIC_RELEASE);
+    uint32_t pending = (uint16_t)(sys_util_vq_avail_idx(vq) - (uint16_t)b->next_avail);
+    b->frames = b->bytes = b->errors = 0;
+    if (pending > vq->size)
+        return 0;
+    return pending < budget ? pending : budget;
+}
+
+/* Publish the used elements stored so far (release orders them before the index) and hand
+   the indices back. */
+static inline void sys_util_vq_finish(const struct sys_util_vq *vq, struct sys_util_vq_batch *b,
+                                      uint32_t next_avail, uint32_t next_used)
+{
+    if ((uint16_t)next_used != (uint16_t)b->next_used)
+        __atomic_store_n(vq->used_idx, (uint16_t)next_used, __ATOMIC_RELEASE);
+    b->next_avail = next_avail & 0xFFFF;
+    b->next_used = next_used & 0xFFFF;
 }
 
 static int sys_util_vq_tx(const struct sys_util_vq *vq, int fd, uint32_t budget,
@@ -128,13 +145,8 @@ static int sys_util_vq_tx(const struct sys_util_vq *vq, int fd, uint32_t budget,
 {
     uint32_t mask = vq->size - 1;
     uint32_t next_avail = b->next_avail, next_used = b->next_used;
-    uint32_t pending = (uint16_t)(sys_util_vq_avail_idx(vq) - (uint16_t)next_avail);
+    uint32_t pending = sys_util_vq_start(vq, b, budget);
     int status = SYS_UTIL_VQ_DONE;
-    b->frames = b->bytes = b->errors = 0;
-    if (pending > vq->size)
-        pending = 0;  /* a driver bug: the caller's full path reports it */
-    if (pending > budget)
-        pending = budget;
     for (uint32_t i = 0; i < pending; i++) {
         uint32_t head = __atomic_load_n(&vq->avail[2 + (next_avail & mask)], __ATOMIC_RELAXED);
         uint64_t off;
@@ -159,10 +171,7 @@ static int sys_util_vq_tx(const struct sys_util_vq *vq, int fd, uint32_t budget,
         next_avail++;
         next_used++;
     }
-    if (next_used != b->next_used)
-        sys_util_vq_publish(vq, next_used);
-    b->next_avail = next_avail & 0xFFFF;
-    b->next_used = next_used & 0xFFFF;
+    sys_util_vq_finish(vq, b, next_avail, next_used);
     return status;
 }
 
@@ -172,13 +181,8 @@ static int sys_util_vq_rx(const struct sys_util_vq *vq, int fd, uint32_t budget,
 {
     uint32_t mask = vq->size - 1;
     uint32_t next_avail = b->next_avail, next_used = b->next_used;
-    uint32_t pending = (uint16_t)(sys_util_vq_avail_idx(vq) - (uint16_t)next_avail);
+    uint32_t pending = sys_util_vq_start(vq, b, budget);
     int status = SYS_UTIL_VQ_DONE;
-    b->frames = b->bytes = b->errors = 0;
-    if (pending > vq->size)
-        pending = 0;
-    if (pending > budget)
-        pending = budget;
     for (uint32_t i = 0; i < pending; i++) {
         uint32_t head = __atomic_load_n(&vq->avail[2 + (next_avail & mask)], __ATOMIC_RELAXED);
         uint64_t off;
@@ -227,10 +231,7 @@ static int sys_util_vq_rx(const struct sys_util_vq *vq, int fd, uint32_t budget,
         next_avail++;
         next_used++;
     }
-    if (next_used != b->next_used)
-        sys_util_vq_publish(vq, next_used);
-    b->next_avail = next_avail & 0xFFFF;
-    b->next_used = next_used & 0xFFFF;
+    sys_util_vq_finish(vq, b, next_avail, next_used);
     return status;
 }
 """
