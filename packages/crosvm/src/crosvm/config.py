@@ -115,6 +115,13 @@ class Config:
     cid: int | None = None
     #: virtio-vsock host socket (default: $TMPDIR/crosvm-vsock-<cid>.sock)
     vsock_uds: Path | None = None
+    #: virtio-vsock backend: "uds" (host Unix sockets), "vhost" (the kernel's vhost-vsock) or
+    #: "auto" (vhost when the node exists and no --vsock-uds was given)
+    vsock_backend: str = "uds"
+    #: the vhost-vsock node (crosvm's --vhost-vsock-device)
+    vhost_vsock_device: Path = Path("/dev/vhost-vsock")
+    #: the vhost-net node used by --vhost-net (crosvm's --vhost-net-device)
+    vhost_net_device: Path = Path("/dev/vhost-net")
     net: list[NetOption] = field(default_factory=list)
 
     @property
@@ -268,8 +275,46 @@ def build_run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mac", type=_mac, metavar="MAC")
     parser.add_argument("--tap-name", metavar="NAME")
     parser.add_argument("--tap-fd", type=_positive_int("--tap-fd", 1 << 20), metavar="FD")
-    parser.add_argument("--vhost-net", action="store_true")
+    parser.add_argument(
+        "--vhost-net", action="store_true",
+        help="serve the NIC's rings in the host kernel (vhost-net) instead of crosvm",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vhost-net-device", type=Path, metavar="PATH",
+        help="vhost-net node for --vhost-net (default /dev/vhost-net)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vsock-backend", choices=("auto", "uds", "vhost"), metavar="{auto,uds,vhost}",
+        help="virtio-vsock backend: uds (host Unix sockets, the default), vhost (the kernel's "
+        "vhost-vsock: host programs use AF_VSOCK) or auto (vhost if its node exists and no "
+        "--vsock-uds is given)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vhost-vsock-device", type=Path, metavar="PATH",
+        help="vhost-vsock node (default /dev/vhost-vsock); implies --vsock-backend vhost",
+    )  # fmt: skip
     return parser
+
+
+def _vhost_options(ns: argparse.Namespace) -> dict[str, Any]:
+    """The vhost options of ``ns`` as Config fields, checked against each other."""
+    backend = ns.vsock_backend
+    if backend is None:
+        backend = "vhost" if ns.vhost_vsock_device is not None else "uds"
+    if backend == "uds" and ns.vhost_vsock_device is not None:
+        raise ConfigError("crosvm run: --vhost-vsock-device needs --vsock-backend vhost or auto")
+    if backend == "vhost" and ns.vsock_uds is not None:
+        raise ConfigError("crosvm run: --vsock-uds is for --vsock-backend uds, not vhost")
+    if ns.vsock_backend is not None and ns.cid is None:
+        raise ConfigError("crosvm run: --vsock-backend needs --cid")
+    if ns.vhost_net_device is not None and not ns.vhost_net:
+        raise ConfigError("crosvm run: --vhost-net-device needs --vhost-net")
+    fields: dict[str, Any] = {"vsock_backend": backend}
+    if ns.vhost_vsock_device is not None:
+        fields["vhost_vsock_device"] = ns.vhost_vsock_device
+    if ns.vhost_net_device is not None:
+        fields["vhost_net_device"] = ns.vhost_net_device
+    return fields
 
 
 def parse_run_args(argv: Sequence[str]) -> Config:
@@ -320,4 +365,5 @@ def parse_run_args(argv: Sequence[str]) -> Config:
         cid=ns.cid,
         vsock_uds=ns.vsock_uds,
         net=net,
+        **_vhost_options(ns),
     )

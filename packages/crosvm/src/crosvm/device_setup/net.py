@@ -6,22 +6,36 @@ the device's configuration space and configures its own address. ``--tap-name`` 
 existing (usually persistent, pre-configured) tap; ``--tap-fd`` adopts a tap fd the caller
 opened and passed down. Host configuration goes through rtnetlink (pyroute2), never by running
 ``ip``.
+
+``--vhost-net`` keeps the same tap and guest-visible device but hands the rings to the host
+kernel (:class:`devices.virtio.vhost.VhostNet`): frames then move between the tap and guest
+memory without passing through crosvm. The vhost-net node (``--vhost-net-device``, default
+``/dev/vhost-net``) is opened here, before the tap is created, so a host without it fails with
+one line and leaves no tap behind. Like every virtio device it runs jailed
+(``vhost_net_device.policy``): the fd is opened here and kept across the fork, and the jailed
+process becomes the vhost owner when the guest activates the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
+from pathlib import Path
 
 from crosvm.config import Config, NetOption
 from crosvm.errors import VmError
 from devices.serial import SerialParameters
 from devices.virtio import VirtioDevice
 from devices.virtio.net import Net, Tap, TapError, parse_mac
+from devices.virtio.vhost import VhostDeviceError
+from devices.virtio.vhost import VhostNet as VhostNetDevice
+from sys_util import VhostError
+from sys_util import VhostNet as VhostNetFd
 
-__all__ = ["VHOST_NET_PATH", "configure_host_side", "create", "open_tap"]
+__all__ = ["VHOST_NET_PATH", "configure_host_side", "create", "open_tap", "open_vhost_net"]
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +87,59 @@ def open_tap(option: NetOption) -> Tap:
     return tap
 
 
+def open_vhost_net(path: str | os.PathLike[str] = VHOST_NET_PATH) -> VhostNetFd:
+    """Open the vhost-net node; a missing node is the one-line "not available" error."""
+    try:
+        return VhostNetFd.open(path)
+    except VhostError as err:
+        if err.errno == errno.ENOENT:
+            raise VmError(f"vhost-net not available on this host ({path} missing)") from None
+        raise VmError(f"--vhost-net: cannot open {path}: {err.strerror}") from None
+
+
+def register_sandbox_policy(device_type: type[VirtioDevice], policy: str) -> None:
+    """Jail ``device_type`` under ``policy`` like every other virtio device.
+
+    ``crosvm.vm.SANDBOX_POLICIES`` lists the policies by device type; the vhost devices are
+    added to it here (idempotently, when one is created) so they are jailed by default.
+    """
+    from crosvm import vm  # at call time: crosvm.vm imports this package
+
+    vm.SANDBOX_POLICIES.setdefault(device_type, policy)
+
+
+def _vhost_net(option: NetOption, mac: bytes | None, device: Path) -> VhostNetDevice:
+    vhost = open_vhost_net(device)
+    try:
+        tap = open_tap(option)
+    except BaseException:
+        vhost.close()
+        raise
+    try:
+        net = VhostNetDevice(vhost, tap, mac=mac)
+    except VhostDeviceError as err:
+        vhost.close()
+        tap.close()
+        raise VmError(f"--vhost-net: {err}") from None
+    except BaseException:
+        vhost.close()
+        tap.close()
+        raise
+    register_sandbox_policy(VhostNetDevice, "vhost_net_device")
+    return net
+
+
 def create(
     config: Config, serial: list[SerialParameters], stack: contextlib.ExitStack
 ) -> list[VirtioDevice]:
     devices: list[VirtioDevice] = []
     for option in config.net:
-        if option.vhost_net:
-            if not os.path.exists(VHOST_NET_PATH):
-                raise VmError("vhost-net not available on this host")
-            raise VmError("--vhost-net is not supported by this crosvm; run without it")
         mac = parse_mac(option.mac) if option.mac is not None else None
-        tap = open_tap(option)
-        net = Net(tap, mac=mac)
-        stack.callback(net.close)
-        devices.append(net)
+        device: VirtioDevice
+        if option.vhost_net:
+            device = _vhost_net(option, mac, config.vhost_net_device)
+        else:
+            device = Net(open_tap(option), mac=mac)
+        stack.callback(device.close)
+        devices.append(device)
     return devices
