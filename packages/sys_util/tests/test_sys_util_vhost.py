@@ -345,3 +345,18 @@ def test_vhost_vsock_cid_and_running_against_the_kernel() -> None:
         assert info.value.errno == errno.EINVAL
         dev.set_owner()
         dev.set_running(False)
+
+
+def test_readme_vhost_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    section = readme.read_text().split("### vhost", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    exec(compile(match.group(1), str(readme), "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    if HAVE_NET:
+        assert "ring 0 base: 0" in out
+    else:
+        assert out == "skipped: vhost-net not available on this host (/dev/vhost-net missing)\n"
