@@ -587,3 +587,27 @@ def test_vsock_event_queue_kicks_are_consumed_in_userspace(rig: Rig) -> None:
             assert dev.active
     finally:
         evq_kick.close()
+
+
+def test_tap_offloads_are_probed_then_cleared_until_the_guest_negotiates() -> None:
+    tap = FakeTap()
+    with _net(tap=tap) as net:
+        assert tap.offloads == [TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | 0x08, 0]
+        assert net.tap_offloads_supported
+
+
+def test_half_started_backend_is_detached_on_failure(rig: Rig) -> None:
+    class SecondRingFails(FakeKernel):
+        def set_backend(self, index: int, fd: Any) -> None:
+            if index == 1 and _fd(fd) >= 0:
+                raise VhostError("VHOST_NET_SET_BACKEND", errno.EBADFD)
+            super().set_backend(index, fd)
+
+    kernel = SecondRingFails(KERNEL_NET)
+    with _net(kernel) as net:
+        net.ack_features(net.features())
+        with pytest.raises(VhostDeviceError, match="VHOST_NET_SET_BACKEND failed"):
+            net.activate(rig.mem, rig.interrupt, rig.queues(net.acked_features)[:2], rig.kicks[:2])
+        assert ("set_backend", 0, -1) in kernel.calls  # ring 0 had started: detached again
+        assert not kernel._threads
+        assert not net.active

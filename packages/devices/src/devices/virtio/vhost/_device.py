@@ -272,8 +272,10 @@ class VhostDevice(VirtioDevice):
             vhost.set_vring_kick(i, queue_evts[i])
             vhost.set_vring_call(i, self._calls[i])
             vhost.set_vring_err(i, self._errs[i])
-        self.start_backend()
+        # Marked first: if starting fails half-way (ring 0 attached, ring 1 refused), the
+        # teardown still detaches whatever did start.
         self._started = True
+        self.start_backend()
 
     # -- the worker: kernel "call"s -> guest interrupts -------------------------------------------
 

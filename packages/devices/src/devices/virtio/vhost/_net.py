@@ -111,6 +111,8 @@ class VhostNet(VhostDevice):
             # What the tap can take: without these offloads the guest gets plain frames only.
             tap.set_offload(_ALL_TAP_OFFLOADS)
             self.tap_offloads_supported = True
+            # Nothing offloaded until the guest says what it takes (activation sets it).
+            tap.set_offload(0)
         except TapError as err:
             self.log.warn("tap refuses offloads (%s); offering none", err.reason)
             self.tap_offloads_supported = False
