@@ -14,12 +14,22 @@ from devices.proxy import BalloonState, policy_dir
 from devices.virtio import Block, Console, Rng
 from devices.virtio.balloon import Balloon, BalloonStat
 from devices.virtio.net import Net
+from devices.virtio.vhost import VhostNet, VhostVsock
 from devices.virtio.vsock import Vsock
 from io_jail import Policy
 
 
 def test_every_virtio_device_crosvm_creates_is_jailed_by_a_shipped_policy() -> None:
-    assert set(vm.SANDBOX_POLICIES) == {Block, Rng, Console, Balloon, Net, Vsock}
+    assert set(vm.SANDBOX_POLICIES) == {
+        Block,
+        Rng,
+        Console,
+        Balloon,
+        Net,
+        Vsock,
+        VhostNet,
+        VhostVsock,
+    }
     for name in vm.SANDBOX_POLICIES.values():
         Policy.parse_file(policy_dir() / f"{name}.policy")  # parses, includes resolve
 

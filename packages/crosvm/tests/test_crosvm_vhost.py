@@ -34,13 +34,6 @@ def kernel(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _own_sandbox_policies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Creating a vhost device registers its policy in ``vm.SANDBOX_POLICIES``; each test gets
-    its own copy so other tests (in the same worker) see the module's own table."""
-    monkeypatch.setattr(vm, "SANDBOX_POLICIES", dict(vm.SANDBOX_POLICIES))
-
-
 @pytest.fixture
 def stack() -> Iterator[contextlib.ExitStack]:
     with contextlib.ExitStack() as s:

@@ -44,6 +44,7 @@ from devices.serial import (
 from devices.virtio import Block, Console, Rng, VirtioDevice, VirtioError, VirtioPciDevice
 from devices.virtio.balloon import BALLOON_PAGE_SIZE, Balloon, BalloonStat
 from devices.virtio.net import Net
+from devices.virtio.vhost import VhostNet, VhostVsock
 from devices.virtio.vsock import Vsock
 from sys_util import SHMEM_THP_SETTING, RawTerminal, shmem_hugepages_enabled
 
@@ -101,6 +102,8 @@ SANDBOX_POLICIES: dict[type[VirtioDevice], str] = {
     Balloon: "balloon_device",
     Net: "net_device",
     Vsock: "vsock_device",
+    VhostNet: "vhost_net_device",
+    VhostVsock: "vhost_vsock_device",
 }
 
 #: Resizes disk N (in command-line order), wherever its device runs.

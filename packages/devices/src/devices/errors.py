@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         VirtioError,
     )
     from devices.virtio.net import NetError, TapError
+    from devices.virtio.vhost import VhostDeviceError
     from devices.virtio.vsock import VsockError
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "PciSlotsExhausted",
     "SerialConfigError",
     "TapError",
+    "VhostDeviceError",
     "VirtioError",
     "VsockError",
 ]
@@ -56,6 +58,7 @@ _ELSEWHERE = {
     "VirtioError": "devices.virtio",
     "NetError": "devices.virtio.net",
     "TapError": "devices.virtio.net",
+    "VhostDeviceError": "devices.virtio.vhost",
     "VsockError": "devices.virtio.vsock",
 }
 

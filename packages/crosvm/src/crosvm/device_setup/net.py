@@ -97,17 +97,6 @@ def open_vhost_net(path: str | os.PathLike[str] = VHOST_NET_PATH) -> VhostNetFd:
         raise VmError(f"--vhost-net: cannot open {path}: {err.strerror}") from None
 
 
-def register_sandbox_policy(device_type: type[VirtioDevice], policy: str) -> None:
-    """Jail ``device_type`` under ``policy`` like every other virtio device.
-
-    ``crosvm.vm.SANDBOX_POLICIES`` lists the policies by device type; the vhost devices are
-    added to it here (idempotently, when one is created) so they are jailed by default.
-    """
-    from crosvm import vm  # at call time: crosvm.vm imports this package
-
-    vm.SANDBOX_POLICIES.setdefault(device_type, policy)
-
-
 def _vhost_net(option: NetOption, mac: bytes | None, device: Path) -> VhostNetDevice:
     vhost = open_vhost_net(device)
     try:
@@ -125,7 +114,6 @@ def _vhost_net(option: NetOption, mac: bytes | None, device: Path) -> VhostNetDe
         vhost.close()
         tap.close()
         raise
-    register_sandbox_policy(VhostNetDevice, "vhost_net_device")
     return net
 
 

@@ -25,7 +25,6 @@ import os
 from pathlib import Path
 
 from crosvm.config import Config
-from crosvm.device_setup.net import register_sandbox_policy
 from crosvm.errors import VmError
 from devices.serial import SerialParameters
 from devices.virtio import VirtioDevice
@@ -59,7 +58,6 @@ def _vhost(cid: int, path: Path) -> VhostVsockDevice:
     except BaseException:
         vhost.close()
         raise
-    register_sandbox_policy(VhostVsockDevice, "vhost_vsock_device")
     return device
 
 
