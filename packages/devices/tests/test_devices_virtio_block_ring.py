@@ -14,6 +14,7 @@ import pytest
 from devices.testing import SubmittedChain, VirtQueueDriver, make_guest_memory
 from devices.virtio import Block, Interrupt, RawDisk
 from devices.virtio import _block_ring as block_ring
+from devices.virtio import block as block_mod
 from devices.virtio.block import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -251,3 +252,106 @@ def test_reset_with_requests_in_flight_releases_the_ring(image: Path) -> None:
     r.block.reset()  # may catch writes in flight: close() waits for them
     assert r.block._ring is None
     r.close()
+
+
+class _CountingRing:
+    """Wraps a RingIo and records each read/write it is handed: (offset, length, requests)."""
+
+    def __init__(self, inner: block_ring.RingIo[list[object]]) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, int, int, int]] = []
+
+    def read(self, tokens: list[object], iovecs: object, offset: int, length: int) -> bool:
+        self.calls.append(("read", offset, length, len(tokens)))
+        return self.inner.read(tokens, iovecs, offset, length)  # type: ignore[arg-type]
+
+    def write(self, tokens: list[object], iovecs: object, offset: int, length: int) -> bool:
+        self.calls.append(("write", offset, length, len(tokens)))
+        return self.inner.write(tokens, iovecs, offset, length)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def counting(ring: Ring) -> _CountingRing:
+    assert ring.block._ring is not None
+    wrapped = _CountingRing(ring.block._ring)
+    ring.block._ring = wrapped  # type: ignore[assignment]
+    return wrapped
+
+
+def test_adjacent_requests_are_merged_into_one_transfer(
+    ring: Ring, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three adjacent writes, a gap, one more; then the same as reads: two transfers each, and
+    every request gets its own data and status."""
+    no_sync_io(ring.block, monkeypatch)
+    calls = counting(ring)
+    payloads = [os.urandom(8192) for _ in range(4)]
+    sectors = [16, 32, 48, 128]  # 8 KiB = 16 sectors: the first three touch
+    for sector, data in zip(sectors, payloads, strict=True):
+        ring.add(VIRTIO_BLK_T_OUT, sector, data)
+    assert [r[0] for r in ring.run()] == [VIRTIO_BLK_S_OK] * 4
+    content = image.read_bytes()
+    for sector, data in zip(sectors, payloads, strict=True):
+        assert content[sector * 512 : sector * 512 + 8192] == data
+    os.posix_fadvise(ring.block.disk.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    for sector in sectors:
+        ring.add(VIRTIO_BLK_T_IN, sector, read_len=8192)
+    results = ring.run()
+    assert [(r[0], r[1], r[2]) for r in results] == [(VIRTIO_BLK_S_OK, d, 8193) for d in payloads]
+    assert calls.calls == [
+        ("write", 16 * 512, 3 * 8192, 3), ("write", 128 * 512, 8192, 1),
+        ("read", 16 * 512, 3 * 8192, 3), ("read", 128 * 512, 8192, 1),
+    ]  # fmt: skip
+
+
+def test_a_flush_ends_a_run_of_writes(ring: Ring, image: Path) -> None:
+    calls = counting(ring)
+    a, b = os.urandom(4096), os.urandom(4096)
+    ring.add(VIRTIO_BLK_T_OUT, 0, a)
+    ring.add(VIRTIO_BLK_T_FLUSH)
+    ring.add(VIRTIO_BLK_T_OUT, 8, b)
+    assert [r[0] for r in ring.run()] == [VIRTIO_BLK_S_OK] * 3
+    assert calls.calls == [("write", 0, 4096, 1), ("write", 4096, 4096, 1)]
+    assert image.read_bytes()[:8192] == a + b
+
+
+def test_runs_stop_at_the_transfer_limit(
+    ring: Ring, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(block_mod, "MERGE_MAX_BYTES", 2 * 4096)
+    calls = counting(ring)
+    for i in range(5):
+        ring.add(VIRTIO_BLK_T_IN, 8 * i, read_len=4096)
+    results = ring.run()
+    content = image.read_bytes()
+    assert [r[1] for r in results] == [content[4096 * i : 4096 * (i + 1)] for i in range(5)]
+    assert [c[3] for c in calls.calls] == [2, 2, 1]
+
+
+def test_a_failed_merged_transfer_fails_each_of_its_requests(
+    ring: Ring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ring reports the merged read failed (after its retry): every request of the run
+    completes with IOERR; the write after it is unaffected."""
+    inner = ring.block._ring
+    assert inner is not None
+    finish = inner._finish
+
+    def failing(request: block_ring._Request[list[object]], result: int) -> str | None:
+        if request.kind == block_ring._READ:
+            return f"read of {request.length} bytes at {request.offset}: injected EIO"
+        return finish(request, result)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inner, "_finish", failing)
+    fd = ring.block.disk.fileno()
+    os.fsync(fd)  # dirty pages cannot be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the reads miss and go to the ring
+    ring.add(VIRTIO_BLK_T_IN, 0, read_len=4096)
+    ring.add(VIRTIO_BLK_T_IN, 8, read_len=4096)
+    ring.add(VIRTIO_BLK_T_OUT, 64, os.urandom(512))
+    results = ring.run()
+    assert [(r[0], r[2]) for r in results] == [
+        (VIRTIO_BLK_S_IOERR, 1), (VIRTIO_BLK_S_IOERR, 1), (VIRTIO_BLK_S_OK, 1),
+    ]  # fmt: skip
