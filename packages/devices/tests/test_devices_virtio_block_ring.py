@@ -355,3 +355,32 @@ def test_a_failed_merged_transfer_fails_each_of_its_requests(
     assert [(r[0], r[2]) for r in results] == [
         (VIRTIO_BLK_S_IOERR, 1), (VIRTIO_BLK_S_IOERR, 1), (VIRTIO_BLK_S_OK, 1),
     ]  # fmt: skip
+
+
+def test_small_cold_reads_stay_in_the_ring_and_large_ones_go_to_workers(
+    ring: Ring, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inner = ring.block._ring
+    assert inner is not None
+    uring = inner._ring
+    punts: list[tuple[int, bool]] = []
+    readv = uring.readv
+
+    def recording(fd: int, buffers: list[memoryview], offset: int, tag: int, *,
+                  punt: bool = False) -> bool:  # fmt: skip
+        punts.append((sum(len(b) for b in buffers), punt))
+        return readv(fd, buffers, offset, tag, punt=punt)
+
+    monkeypatch.setattr(uring, "readv", recording)
+    fd = ring.block.disk.fileno()
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    ring.add(VIRTIO_BLK_T_IN, 0, read_len=4096)
+    ring.add(VIRTIO_BLK_T_IN, 1024, read_len=128 << 10)
+    results = ring.run()
+    content = image.read_bytes()
+    assert [r[1] for r in results] == [
+        content[:4096],
+        content[1024 * 512 : 1024 * 512 + (128 << 10)],
+    ]
+    assert punts == [(4096, False), (128 << 10, True)]
