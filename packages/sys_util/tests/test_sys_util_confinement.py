@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "sys_util"
 
 # Module -> the only files allowed to contain it.
 ALLOWED = {
-    r"ffi\.from_buffer\(": {"_binding.py", "_uring.py"},
+    r"ffi\.from_buffer\(": {"_binding.py", "_uring.py", "_frame_ring.py"},
     r"\bmmap\.mmap\(": {"_mmap.py"},
     r"\bimport ctypes\b": set(),
 }

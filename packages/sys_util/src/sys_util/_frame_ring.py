@@ -136,6 +136,7 @@ class FrameRing:
         """The overflow buffer :meth:`rx` reads a frame's tail into (pinned until close)."""
         if self._handles is None:
             raise InvalidArgument("FrameRing is closed")
+        # SAFETY: the handle pins ``stage`` until close(); rx() passes its length with it.
         handle = ffi.from_buffer("uint8_t[]", stage, require_writable=True)
         self._handles.append(handle)
         self._stage = handle
