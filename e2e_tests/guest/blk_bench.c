@@ -30,6 +30,9 @@ static void stall_report(struct blk *b, const char *name, u64 inflight) {
          q->event_idx, q->use_indirect, q->used->idx != used);
 }
 
+/* one_pass=1: sequential tests end after one pass over the span (or at bench_ms). */
+static int one_pass;
+
 static void bench_one(struct blk *b, const char *name, int write, int random, u32 bs, u32 qd,
                       struct slot *slots, u64 span, u64 ms) {
     u64 blocks = span / bs, next_seq = 0, ops = 0, inflight = 0, errors = 0;
@@ -41,6 +44,10 @@ static void bench_one(struct blk *b, const char *name, int write, int random, u3
     for (;;) {
         int added = 0;
         while (!stop && nfree) {
+            if (one_pass && !random && next_seq >= blocks) {
+                stop = 1; /* each block once: a buffered VMM must not re-read its page cache */
+                break;
+            }
             struct slot *s = &slots[free_slots[nfree - 1]];
             u64 blk = random ? xorshift() % blocks : next_seq++ % blocks;
             s->hdr.type = write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
@@ -80,6 +87,7 @@ static void bench_one(struct blk *b, const char *name, int write, int random, u3
 void sc_blk_bench(void) {
     struct blk *b = blk_open((int)cmdline_u64("disk", 0));
     u64 ms = cmdline_u64("bench_ms", 1000);
+    one_pass = (int)cmdline_u64("one_pass", 0);
     u64 span = b->capacity * 512;
     u64 lim = cmdline_u64("bytes", 0);
     if (lim && lim < span) span = lim;
