@@ -31,17 +31,19 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from devices.virtio._constants import DeviceType, Features
+from devices.virtio._constants import DeviceType
 from devices.virtio._device import RING_FEATURES, ThreadedVirtioDevice
 from devices.virtio._queue import DescriptorChain, Queue
-from devices.virtio.net._ring import frame_ring, region0
-from devices.virtio.net._tap import (
-    TUN_F_CSUM,
-    TUN_F_TSO4,
-    TUN_F_TSO6,
-    TUN_F_TSO_ECN,
-    Tap,
+from devices.virtio.net._features import (
+    VIRTIO_NET_S_LINK_UP,
+    NetFeatures,
+    config_space,
+    drop_unmet_dependencies,
+    header_len,
+    tap_offloads,
 )
+from devices.virtio.net._ring import frame_ring, region0
+from devices.virtio.net._tap import Tap
 from sys_util import AsRawFd, FrameRing
 
 __all__ = [
@@ -59,7 +61,6 @@ __all__ = [
 QUEUE_SIZE = 256
 RXQ = 0
 TXQ = 1
-VIRTIO_NET_S_LINK_UP = 1
 #: Largest frame a tap hands over (a 64 KiB GSO super-frame plus Ethernet/VLAN headers).
 MAX_FRAME_BYTES = 65550
 #: Frames moved per poll wake-up before the worker looks at other sources again.
@@ -70,40 +71,8 @@ TX_BATCH = 64
 #: slot is the overflow buffer).
 MAX_SEGMENTS = 1000
 
-_CONFIG = struct.Struct("<6sHH")  # mac, status, max_virtqueue_pairs
 _U16 = struct.Struct("<H")
 
-
-class NetFeatures:
-    """virtio-net feature bit *numbers* (section 5.1.3)."""
-
-    CSUM = 0
-    GUEST_CSUM = 1
-    CTRL_GUEST_OFFLOADS = 2
-    MTU = 3
-    MAC = 5
-    GUEST_TSO4 = 7
-    GUEST_TSO6 = 8
-    GUEST_ECN = 9
-    GUEST_UFO = 10
-    HOST_TSO4 = 11
-    HOST_TSO6 = 12
-    HOST_ECN = 13
-    HOST_UFO = 14
-    MRG_RXBUF = 15
-    STATUS = 16
-    CTRL_VQ = 17
-
-
-# feature -> features it requires (one of them, section 5.1.3.1); violators are not acked.
-_DEPENDS: dict[int, tuple[int, ...]] = {
-    NetFeatures.GUEST_TSO4: (NetFeatures.GUEST_CSUM,),
-    NetFeatures.GUEST_TSO6: (NetFeatures.GUEST_CSUM,),
-    NetFeatures.GUEST_ECN: (NetFeatures.GUEST_TSO4, NetFeatures.GUEST_TSO6),
-    NetFeatures.HOST_TSO4: (NetFeatures.CSUM,),
-    NetFeatures.HOST_TSO6: (NetFeatures.CSUM,),
-    NetFeatures.HOST_ECN: (NetFeatures.HOST_TSO4, NetFeatures.HOST_TSO6),
-}
 
 _OFFERED = (
     1 << NetFeatures.CSUM
@@ -116,14 +85,6 @@ _OFFERED = (
     | 1 << NetFeatures.HOST_ECN
     | 1 << NetFeatures.MRG_RXBUF
     | 1 << NetFeatures.STATUS
-)
-
-# guest receive offload feature -> the tap offload that lets such frames reach us.
-_TAP_OFFLOADS = (
-    (NetFeatures.GUEST_CSUM, TUN_F_CSUM),
-    (NetFeatures.GUEST_TSO4, TUN_F_TSO4),
-    (NetFeatures.GUEST_TSO6, TUN_F_TSO6),
-    (NetFeatures.GUEST_ECN, TUN_F_TSO_ECN),
 )
 
 
@@ -222,15 +183,10 @@ class Net(ThreadedVirtioDevice):
         return RING_FEATURES | _OFFERED | mac
 
     def ack_features(self, value: int) -> None:
-        value &= self.features()
-        for feature, needs in _DEPENDS.items():
-            if value >> feature & 1 and not any(value >> n & 1 for n in needs):
-                self.log.warn("driver acked feature %d without its dependency; ignored", feature)
-                value &= ~(1 << feature)
-        self.acked_features = value
+        self.acked_features = drop_unmet_dependencies(value & self.features(), self.log)
 
     def config_space(self) -> bytes:
-        return _CONFIG.pack(self.mac or bytes(6), VIRTIO_NET_S_LINK_UP, 1)
+        return config_space(self.mac)
 
     def keep_fds(self) -> list[int]:
         return [self.tap.fileno()]
@@ -242,8 +198,7 @@ class Net(ThreadedVirtioDevice):
 
     def tap_offloads(self) -> int:
         """The ``TUN_F_*`` flags matching the guest's acked receive offloads."""
-        acked = self.acked_features
-        return sum(flag for feature, flag in _TAP_OFFLOADS if acked >> feature & 1)
+        return tap_offloads(self.acked_features)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -251,8 +206,7 @@ class Net(ThreadedVirtioDevice):
         acked = self.acked_features
         self._mrg = bool(acked >> NetFeatures.MRG_RXBUF & 1)
         self._guest_csum = bool(acked >> NetFeatures.GUEST_CSUM & 1)
-        modern = bool(acked >> Features.VERSION_1 & 1)
-        self._hdr_len = 12 if modern or self._mrg else 10
+        self._hdr_len = header_len(acked)
         self.tap.set_vnet_hdr_size(self._hdr_len)
         self.tap.set_offload(self.tap_offloads())
         self._tap_polled = False

@@ -15,20 +15,17 @@ sized 12 bytes (VERSION_1 / MRG_RXBUF) or 10, as the userspace device does.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Protocol
 
-from devices.virtio._constants import DeviceType, Features
-from devices.virtio.net import (
-    QUEUE_SIZE,
-    TUN_F_CSUM,
-    TUN_F_TSO4,
-    TUN_F_TSO6,
-    TUN_F_TSO_ECN,
-    VIRTIO_NET_S_LINK_UP,
-    NetFeatures,
-    TapError,
+from devices.virtio._constants import DeviceType
+from devices.virtio.net import QUEUE_SIZE, NetFeatures, TapError
+from devices.virtio.net._features import (
+    TAP_OFFLOADS,
+    config_space,
+    drop_unmet_dependencies,
+    header_len,
+    tap_offloads,
 )
 from devices.virtio.vhost._device import (
     RING_KERNEL_FEATURES,
@@ -43,31 +40,17 @@ __all__ = ["NET_KERNEL_FEATURES", "TapLike", "VhostNet", "VhostNetBackend"]
 #: Bits vhost-net itself implements.
 NET_KERNEL_FEATURES = RING_KERNEL_FEATURES | 1 << NetFeatures.MRG_RXBUF
 
-_CONFIG = struct.Struct("<6sHH")  # mac, status, max_virtqueue_pairs (as devices.virtio.net)
 
-#: Offload features the tap does (checksums, segmentation), with the tap flag they need when
-#: the guest *receives* such frames (None: guest transmit offloads, which need no tap flag).
-_OFFLOADS: tuple[tuple[int, int | None], ...] = (
-    (NetFeatures.CSUM, None),
-    (NetFeatures.HOST_TSO4, None),
-    (NetFeatures.HOST_TSO6, None),
-    (NetFeatures.HOST_ECN, None),
-    (NetFeatures.GUEST_CSUM, TUN_F_CSUM),
-    (NetFeatures.GUEST_TSO4, TUN_F_TSO4),
-    (NetFeatures.GUEST_TSO6, TUN_F_TSO6),
-    (NetFeatures.GUEST_ECN, TUN_F_TSO_ECN),
+#: Offload features the tap does (checksums, segmentation): the guest's transmit offloads,
+#: which need no tap flag, and its receive offloads (TAP_OFFLOADS), which do.
+_OFFLOAD_FEATURES = (
+    1 << NetFeatures.CSUM
+    | 1 << NetFeatures.HOST_TSO4
+    | 1 << NetFeatures.HOST_TSO6
+    | 1 << NetFeatures.HOST_ECN
+    | sum(1 << feature for feature, _ in TAP_OFFLOADS)
 )
-_ALL_TAP_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
-
-# feature -> features it requires (one of them; virtio 1.2 section 5.1.3.1).
-_DEPENDS: dict[int, tuple[int, ...]] = {
-    NetFeatures.GUEST_TSO4: (NetFeatures.GUEST_CSUM,),
-    NetFeatures.GUEST_TSO6: (NetFeatures.GUEST_CSUM,),
-    NetFeatures.GUEST_ECN: (NetFeatures.GUEST_TSO4, NetFeatures.GUEST_TSO6),
-    NetFeatures.HOST_TSO4: (NetFeatures.CSUM,),
-    NetFeatures.HOST_TSO6: (NetFeatures.CSUM,),
-    NetFeatures.HOST_ECN: (NetFeatures.HOST_TSO4, NetFeatures.HOST_TSO6),
-}
+_ALL_TAP_OFFLOADS = sum(flag for _, flag in TAP_OFFLOADS)
 
 
 class TapLike(Protocol):
@@ -133,20 +116,14 @@ class VhostNet(VhostDevice):
         if self.mac is not None:
             bits |= 1 << NetFeatures.MAC
         if self.tap_offloads_supported:
-            for feature, _ in _OFFLOADS:
-                bits |= 1 << feature
+            bits |= _OFFLOAD_FEATURES
         return bits
 
     def ack_features(self, value: int) -> None:
-        value &= self.features()
-        for feature, needs in _DEPENDS.items():
-            if value >> feature & 1 and not any(value >> n & 1 for n in needs):
-                self.log.warn("driver acked feature %d without its dependency; ignored", feature)
-                value &= ~(1 << feature)
-        self.acked_features = value
+        self.acked_features = drop_unmet_dependencies(value & self.features(), self.log)
 
     def config_space(self) -> bytes:
-        return _CONFIG.pack(self.mac or bytes(6), VIRTIO_NET_S_LINK_UP, 1)
+        return config_space(self.mac)
 
     def keep_fds(self) -> list[int]:
         return [*super().keep_fds(), self.tap.fileno()]
@@ -154,14 +131,11 @@ class VhostNet(VhostDevice):
     @property
     def header_len(self) -> int:
         """Bytes of ``virtio_net_hdr`` the tap reads/writes before each frame."""
-        acked = self.acked_features
-        modern = acked >> Features.VERSION_1 & 1 or acked >> NetFeatures.MRG_RXBUF & 1
-        return 12 if modern else 10
+        return header_len(self.acked_features)
 
     def tap_offloads(self) -> int:
         """The ``TUN_F_*`` flags matching the guest's acked receive offloads."""
-        acked = self.acked_features
-        return sum(flag for feature, flag in _OFFLOADS if flag is not None and acked >> feature & 1)
+        return tap_offloads(self.acked_features)
 
     def start_backend(self) -> None:
         try:
