@@ -150,6 +150,40 @@ def test_block_read_matches_host_sha256(tmp_path: Path) -> None:
     assert result.find("sha256")["sha256"] == sha256(disk)  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(("options", "bypass"), [("", True), ("cold-reads=cached", False)])
+def test_cold_large_reads_bypass_the_host_page_cache(
+    tmp_path: Path, options: str, bypass: bool
+) -> None:
+    """The guest reads its disk in 1 MiB requests; none is in the host page cache. By default
+    they go through O_DIRECT in the jailed device (the cache stays empty), with
+    ``cold-reads=cached`` through the cache (it ends up holding the whole image)."""
+    import sys_util
+
+    size = 16 << 20
+    disk = make_disk(tmp_path / "cold.img", size, seed=5)
+    digest = sha256(disk)
+    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            if sys_util.cachestat(fd, 0, size).cached:
+                pytest.skip("clean pages stay cached after POSIX_FADV_DONTNEED here")
+        except OSError as err:
+            pytest.skip(f"no cachestat here ({err}): cold reads keep the page cache")
+        cfg = GuestConfig(
+            "blk-read-sha256", disks=(Disk(disk, read_only=True, block_options=options),)
+        )
+        assert crosvm_guest(cfg).find("sha256")["sha256"] == digest  # type: ignore[attr-defined]
+        cached = sys_util.cachestat(fd, 0, size).cached * sys_util.pagesize()
+    finally:
+        os.close(fd)
+    if bypass:
+        assert cached <= size // 8, f"{cached} bytes of the image went through the page cache"
+    else:
+        assert cached == size
+
+
 def test_block_write_lands_in_the_host_file(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "w.img", 8 << 20)
     cfg = GuestConfig("blk-write-pattern", {"seed": 7, "bytes": 1 << 20}, disks=(Disk(disk),))

@@ -54,6 +54,8 @@ def test_block_options_and_aliases_share_one_ordered_list(kernel: Path, images: 
         ("{p},ro=false,root=true", {"read_only": False, "root": True}),
         ("path={p},ro=true,direct=false", {"read_only": True}),
         ("{p},direct,id=12345678901234567890", {"direct": True, "serial": "12345678901234567890"}),
+        ("{p},cold-reads=cached", {"cold_reads_direct": False}),
+        ("{p},cold-reads=direct", {"cold_reads_direct": True}),
     ],
 )  # fmt: skip
 def test_block_key_value_forms(
@@ -71,6 +73,7 @@ def test_block_key_value_forms(
         (",id=" + "x" * 21, "id must be 1 to 20 bytes"),
         (",id=", "id must be 1 to 20 bytes"),
         (",direct=2", "direct='2' is not true or false"),
+        (",cold-reads=yes", "cold-reads='yes' is not direct or cached"),
     ],
 )
 def test_bad_block_options_are_config_errors(
@@ -115,11 +118,15 @@ def test_direct_and_serial_reach_the_block_device(
 
     monkeypatch.setattr(block.Block, "open", staticmethod(fake_open))
     config = parse_run_args(
-        ["--block", f"{images[0]},direct=true,id=serial-1", "-d", str(images[1]), str(kernel)]
-    )
+        ["--block", f"{images[0]},direct=true,id=serial-1", "-d", str(images[1]),
+         "--block", f"{images[1]},ro,cold-reads=cached", str(kernel)]
+    )  # fmt: skip
     with contextlib.ExitStack() as stack:
-        assert len(block.create(config, [], stack)) == 2
+        assert len(block.create(config, [], stack)) == 3
+    common = {"cold_reads_direct": True}
     assert calls == [
-        (images[0], {"read_only": False, "direct": True, "serial": "serial-1"}),
-        (images[1], {"read_only": True, "direct": False, "serial": None}),
-    ]
+        (images[0], {"read_only": False, "direct": True, "serial": "serial-1", **common}),
+        (images[1], {"read_only": True, "direct": False, "serial": None, **common}),
+        (images[1], {"read_only": True, "direct": False, "serial": None,
+                     "cold_reads_direct": False}),
+    ]  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import sys_util
 from devices.testing import SubmittedChain, VirtQueueDriver, make_guest_memory
 from devices.virtio import Block, Interrupt, RawDisk
 from devices.virtio import _block_ring as block_ring
@@ -47,10 +48,13 @@ class Ring:
         block.activate(self.mem, Interrupt(intx_evt=self.irq_evt), [self.queue], [self.kick_evt])
         self.chains: list[SubmittedChain] = []
 
-    def add(self, req_type: int, sector: int = 0, data: bytes = b"", read_len: int = 0) -> int:
+    def add(
+        self, req_type: int, sector: int = 0, data: bytes = b"", read_len: int = 0,
+        align: int = 16,
+    ) -> int:  # fmt: skip
         readable = [HDR.pack(req_type, 0, sector)] + ([data] if data else [])
         writable = ([read_len] if read_len else []) + [1]
-        self.chains.append(self.drv.add_request(readable, writable))
+        self.chains.append(self.drv.add_request(readable, writable, align=align))
         return len(self.chains) - 1
 
     def run(self) -> list[tuple[int, bytes, int]]:
@@ -384,3 +388,59 @@ def test_small_cold_reads_stay_in_the_ring_and_large_ones_go_to_workers(
         content[1024 * 512 : 1024 * 512 + (128 << 10)],
     ]
     assert punts == [(4096, False), (128 << 10, True)]
+
+
+def test_large_cold_reads_go_to_the_ring_through_o_direct(
+    ring: Ring, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = ring.block.disk
+    assert isinstance(disk, RawDisk)
+    if not disk.cold_reads_direct:
+        pytest.skip("no O_DIRECT on this filesystem")
+    inner = ring.block._ring
+    assert inner is not None
+    uring = inner._ring
+    calls: list[tuple[int, int, bool]] = []
+    readv = uring.readv
+
+    def recording(fd: int, buffers: list[memoryview], offset: int, tag: int, *,
+                  punt: bool = False) -> bool:  # fmt: skip
+        calls.append((fd, sum(len(b) for b in buffers), punt))
+        return readv(fd, buffers, offset, tag, punt=punt)
+
+    monkeypatch.setattr(uring, "readv", recording)
+    fd = disk.fileno()
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        cold = sys_util.cachestat(fd, 0, 512 << 10).cached == 0
+    except OSError:
+        cold = False
+    if not cold:
+        pytest.skip("no cachestat, or clean pages stay cached here")
+    content = image.read_bytes()
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    half = 512 << 10
+    expected = [(VIRTIO_BLK_S_OK, content[:half]), (VIRTIO_BLK_S_OK, content[-half:])]
+
+    def read_both() -> list[tuple[int, bytes]]:
+        # Two requests: a batch (one request alone is served in place); the ring may merge
+        # them (they are adjacent) into one transfer.
+        ring.add(VIRTIO_BLK_T_IN, 0, read_len=half, align=4096)
+        ring.add(VIRTIO_BLK_T_IN, (IMAGE_SIZE - half) // 512, read_len=half, align=4096)
+        return [r[:2] for r in ring.run()]
+
+    assert read_both() == expected
+    assert calls and sum(c[1] for c in calls) == 2 * half
+    assert all(c[0] != fd and not c[2] for c in calls)
+    ring_calls = len(calls)
+    assert sys_util.cachestat(fd, 0, IMAGE_SIZE).cached == 0  # O_DIRECT left the cache alone
+    # Cached: served inline with RWF_NOWAIT, the ring never sees them.
+    os.pread(fd, IMAGE_SIZE, 0)
+    assert read_both() == expected
+    assert len(calls) == ring_calls
+    # Buffers O_DIRECT refuses (16-byte aligned): the same data, through the cache.
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    ring.add(VIRTIO_BLK_T_IN, 0, read_len=half)
+    ring.add(VIRTIO_BLK_T_IN, (IMAGE_SIZE - half) // 512, read_len=half)
+    assert [r[:2] for r in ring.run()] == expected

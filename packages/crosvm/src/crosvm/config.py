@@ -30,8 +30,10 @@ _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 class DiskOption:
     """One ``--block``/``-r/--rwroot/-d/--rwdisk`` in command-line order (vda, vdb, ...).
 
-    ``direct``: open the image with O_DIRECT (no host page cache); ``serial``: the
-    virtio-blk ID the guest reads (``/sys/block/vdX/serial``), at most 20 bytes.
+    ``direct``: open the image with O_DIRECT (no host page cache); ``cold_reads_direct``
+    (``cold-reads=direct``, the default; ``cold-reads=cached`` turns it off): large reads that
+    miss the host page cache use O_DIRECT; ``serial``: the virtio-blk ID the guest reads
+    (``/sys/block/vdX/serial``), at most 20 bytes.
     """
 
     path: Path
@@ -39,6 +41,7 @@ class DiskOption:
     root: bool = False
     direct: bool = False
     serial: str | None = None
+    cold_reads_direct: bool = True
 
 
 _TRUE = ("true", "yes", "on", "1")
@@ -47,11 +50,13 @@ _FALSE = ("false", "no", "off", "0")
 
 def parse_block(text: str) -> DiskOption:
     """crosvm's ``--block PATH[,ro][,root][,direct=true][,id=SERIAL]`` (also ``path=PATH`` and
-    ``ro=``/``root=``/``direct=`` with true/false). Raises ``argparse.ArgumentTypeError``."""
+    ``ro=``/``root=``/``direct=`` with true/false), plus ``cold-reads=direct|cached``. Raises
+    ``argparse.ArgumentTypeError``."""
     parts = text.split(",")
     path: str | None = None
     flags = {"ro": False, "root": False, "direct": False}
     serial: str | None = None
+    cold_reads_direct = True
     for i, part in enumerate(parts):
         key, eq, value = part.partition("=")
         if i == 0 and not eq:
@@ -71,13 +76,19 @@ def parse_block(text: str) -> DiskOption:
                     f"--block: id must be 1 to {MAX_DISK_ID_BYTES} bytes, got {value!r}"
                 )
             serial = value
+        elif key == "cold-reads" and eq:
+            if value not in ("direct", "cached"):
+                raise argparse.ArgumentTypeError(
+                    f"--block: cold-reads={value!r} is not direct or cached"
+                )
+            cold_reads_direct = value == "direct"
         else:
             raise argparse.ArgumentTypeError(f"--block: unknown option {part!r}")
     if not path:
         raise argparse.ArgumentTypeError(f"--block: no image path in {text!r}")
     return DiskOption(
         Path(path), read_only=flags["ro"], root=flags["root"], direct=flags["direct"],
-        serial=serial,
+        serial=serial, cold_reads_direct=cold_reads_direct,
     )  # fmt: skip
 
 
@@ -240,7 +251,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument(
         "--block", action=_DiskAction, dest="disks",
-        metavar="PATH[,ro][,root][,direct=true][,id=SERIAL]",
+        metavar="PATH[,ro][,root][,direct=true][,cold-reads=direct|cached][,id=SERIAL]",
         help="virtio-blk disk (raw or qcow2; repeatable): read-only, root (adds root=/dev/vdX), "
         "O_DIRECT, serial",
     )  # fmt: skip

@@ -134,15 +134,17 @@ class VirtQueueDriver:
         *,
         indirect: bool = False,
         publish: bool = True,
+        align: int = 16,
     ) -> SubmittedChain:
-        """Submit a chain of device-readable buffers (with contents) then writable ones."""
+        """Submit a chain of device-readable buffers (with contents) then writable ones, each
+        buffer at a multiple of ``align`` (4096 puts them on pages, as a kernel driver does)."""
         segs: list[tuple[int, int, int]] = []
         for data in readable:
-            addr = self.alloc(len(data))
+            addr = self.alloc(len(data), align)
             self.mem.write(addr, data)
             segs.append((addr, len(data), 0))
         for length in writable:
-            addr = self.alloc(length)
+            addr = self.alloc(length, align)
             self.mem.write(addr, bytes(length))
             segs.append((addr, length, VIRTQ_DESC_F_WRITE))
         chain = SubmittedChain(

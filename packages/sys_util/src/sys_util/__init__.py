@@ -6,6 +6,7 @@ get bounds-checked objects that own their file descriptors.
 
 from sys_util.__about__ import __version__
 from sys_util._address import GuestAddress
+from sys_util._cachestat import CacheStat, cachestat
 from sys_util._cpus import number_of_online_cpus, online_cpus, parse_cpu_list, read_online_cpus
 from sys_util._eventfd import EventFd
 from sys_util._falloc import allocate, fallocate, punch_hole, write_zeroes
@@ -50,6 +51,7 @@ __all__ = [
     "SHMEM_THP_SETTING",
     "AsRawFd",
     "BytesLike",
+    "CacheStat",
     "Error",
     "EventFd",
     "FrameBatch",
@@ -79,6 +81,7 @@ __all__ = [
     "allocate",
     "block_signals",
     "blocked_signals",
+    "cachestat",
     "clear_pending_signal",
     "fallocate",
     "init_logging",

@@ -15,6 +15,8 @@ class _FFI:
 
 class _Lib:
     PACKAGE_VERSION: Any
+    # cachestat.py
+    def sys_util_cachestat(self, fd: int, offset: int, length: int, out: Any) -> int: ...
     # falloc.py
     FALLOC_FL_KEEP_SIZE: int
     FALLOC_FL_PUNCH_HOLE: int

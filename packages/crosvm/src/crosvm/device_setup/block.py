@@ -18,7 +18,11 @@ def create(
     for disk in config.disks:
         try:
             block = Block.open(
-                disk.path, read_only=disk.read_only, direct=disk.direct, serial=disk.serial
+                disk.path,
+                read_only=disk.read_only,
+                direct=disk.direct,
+                cold_reads_direct=disk.cold_reads_direct,
+                serial=disk.serial,
             )
         except (VirtioError, OSError) as err:
             raise VmError(f"disk {disk.path}: {err}") from None

@@ -7,9 +7,12 @@ system call and needs no thread of ours. Buffered reads take one of two ways by 
 - a small read (up to SMALL_READ_BYTES, e.g. a random 4 KiB one) goes to the ring as it is: the
   ring serves a page-cache hit at once and waits for a miss with a page callback, no thread
   involved (cold QD32 4 KiB reads in a guest: 0.50x -> 1.11x QEMU's `cache=none`);
-- a large one is first tried with ``preadv2(RWF_NOWAIT)`` (a hit is done at once, the cheapest
-  path there is); a miss goes to the kernel's I/O workers (IOSQE_ASYNC), which read it in one
-  blocking call with readahead, where the ring's own attempt would crawl page by page.
+- a large one that is not wholly in the page cache goes to the ring on the image's O_DIRECT
+  read fd when the disk has one (``RawDisk.read_fd``: at least 256 KiB, a question to
+  ``cachestat``), asynchronous in the ring itself;
+- any other large one is first tried with ``preadv2(RWF_NOWAIT)`` (a hit is done at once, the
+  cheapest path there is); a miss goes to the kernel's I/O workers (IOSQE_ASYNC), which read it
+  in one blocking call with readahead, where the ring's own attempt would crawl page by page.
 
 O_DIRECT reads are asynchronous in the ring itself. The ring's eventfd wakes the device's
 worker when completions arrive.
@@ -106,18 +109,25 @@ class RingIo(Generic[T]):
         """Read into ``iovecs``; True if it is done already or queued, False if the ring is
         full. A read served from the page cache right away completes with ``(token, None)``
         at the next :meth:`completions`."""
-        if not self._direct and length > SMALL_READ_BYTES:
-            try:
-                got = os.preadv(self._fd, iovecs, offset, os.RWF_NOWAIT)
-            except OSError:  # EAGAIN: not cached (the ring reads it)
-                got = -1
-            if got == length:
-                self._done.append((token, None))
-                return True
-        return self._queue(_Request(_READ, token, iovecs, offset, length))
+        request = _Request(_READ, token, iovecs, offset, length)
+        if self._direct or length <= SMALL_READ_BYTES:
+            return self._queue(request, self._fd)
+        fd = self._disk.read_fd(offset, length)
+        if fd != self._fd:  # not all cached: O_DIRECT, asynchronous in the ring itself
+            return self._queue(request, fd)
+        try:
+            got = os.preadv(fd, iovecs, offset, os.RWF_NOWAIT)
+        except OSError:  # EAGAIN: not cached (a kernel worker reads it)
+            got = -1
+        if got == length:
+            self._done.append((token, None))
+            return True
+        # A large read that missed the page cache: a kernel worker reads it in one blocking
+        # call (with readahead), where the ring's own attempt would resume it page by page.
+        return self._queue(request, fd, punt=True)
 
     def write(self, token: T, iovecs: Sequence[memoryview], offset: int, length: int) -> bool:
-        return self._queue(_Request(_WRITE, token, iovecs, offset, length))
+        return self._queue(_Request(_WRITE, token, iovecs, offset, length), self._fd)
 
     def flush(self, token: T) -> bool:
         """fdatasync after everything queued before it (IO_DRAIN)."""
@@ -160,18 +170,13 @@ class RingIo(Generic[T]):
         self._next_tag = tag = (self._next_tag + 1) & 0xFFFF_FFFF_FFFF
         return tag
 
-    def _queue(self, request: _Request[T]) -> bool:
+    def _queue(self, request: _Request[T], fd: int, *, punt: bool = False) -> bool:
         tag = self._tag()
         ring = self._ring
         if request.kind == _READ:
-            # A large read that missed the page cache: a kernel worker reads it in one blocking
-            # call (with readahead), where the ring's own attempt would resume it page by page.
-            # A small one stays in the ring, whose asynchronous buffered read serves a hit at
-            # once and waits for a miss without a worker.
-            punt = not self._direct and request.length > SMALL_READ_BYTES
-            ok = ring.readv(self._fd, request.iovecs, request.offset, tag, punt=punt)
+            ok = ring.readv(fd, request.iovecs, request.offset, tag, punt=punt)
         else:
-            ok = ring.writev(self._fd, request.iovecs, request.offset, tag)
+            ok = ring.writev(fd, request.iovecs, request.offset, tag)
         if ok:
             self._requests[tag] = request
             self._queued += 1

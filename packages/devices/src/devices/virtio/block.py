@@ -155,12 +155,16 @@ class Block(ThreadedVirtioDevice):
         *,
         read_only: bool = False,
         direct: bool = False,
+        cold_reads_direct: bool = True,
         serial: str | None = None,
         use_io_uring: bool = True,
     ) -> Block:
-        """Open (and lock) a raw or qcow2 image; see :func:`open_disk`. ``use_io_uring=False``
-        serves batches with a thread pool even where io_uring works."""
-        disk = open_disk(path, read_only=read_only, direct=direct)
+        """Open (and lock) a raw or qcow2 image; see :func:`open_disk` for ``direct`` and
+        ``cold_reads_direct``. ``use_io_uring=False`` serves batches with a thread pool even
+        where io_uring works."""
+        disk = open_disk(
+            path, read_only=read_only, direct=direct, cold_reads_direct=cold_reads_direct
+        )
         return cls(disk, serial=serial, use_io_uring=use_io_uring)
 
     def _make_id(self, serial: str | None) -> bytes:
