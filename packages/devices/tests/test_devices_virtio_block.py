@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -413,3 +414,27 @@ def test_a_batch_runs_concurrently_and_flush_waits_for_the_writes_before_it(imag
         assert all(h.drv.read_writable(c)[-1] == VIRTIO_BLK_S_OK for c in chains)
     finally:
         h.close()
+
+
+@pytest.mark.parametrize("kind", ["read", "write"])
+def test_a_host_io_error_fails_that_request_only(
+    rw: Harness, image: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A lone request (the queue-depth-1 short path) whose host I/O fails completes with
+    IOERR; the device keeps serving and the image is unchanged."""
+    before = image.read_bytes()
+    disk = rw.block.disk
+
+    def failing(*args: object) -> int:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(disk, "read_into" if kind == "read" else "write_from", failing)
+    if kind == "read":
+        status, _data, _used = rw.request(VIRTIO_BLK_T_IN, 0, read_len=4096)
+    else:
+        status, _data, _used = rw.request(VIRTIO_BLK_T_OUT, 0, data=b"z" * 4096)
+    assert status == VIRTIO_BLK_S_IOERR
+    monkeypatch.undo()
+    status, data, _used = rw.request(VIRTIO_BLK_T_IN, 0, read_len=4096)
+    assert status == VIRTIO_BLK_S_OK and data == before[:4096]
+    assert image.read_bytes() == before

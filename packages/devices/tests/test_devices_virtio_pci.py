@@ -252,6 +252,34 @@ def test_intx_isr_and_resample(mem: GuestMemory, image: Path) -> None:
         resample.close()
 
 
+def test_intx_disable_bit_holds_the_line_until_cleared(mem: GuestMemory, image: Path) -> None:
+    """PCI command bit 10 (Interrupt Disable): a completion sets the ISR but asserts nothing
+    (a polling driver sets the bit; every INTx irqfd write would otherwise cost a system call
+    and a kernel worker per request); clearing the bit asserts the pending interrupt."""
+    with make_transport(mem, image) as dev:
+        irq, resample = EventFd(), EventFd()
+        dev.assign_irq(irq, resample, line=5, pin=1)
+        drv = Driver(dev, mem)
+        command = drv.cfg_read(1) & 0xFFFF
+        drv.cfg_write(1, command | 1 << 10)
+        assert drv.negotiate(drv.device_features())
+        vq = VirtQueueDriver(mem, 0x10000, 16)
+        drv.setup_queue(0, vq)
+        drv.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+        vq.add_request([HDR.pack(VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
+        drv.notify(0)
+        vq.wait_used(1)
+        assert dev.interrupt.isr == IsrBits.QUEUE  # pending, but the line stays quiet
+        assert irq.read_timeout(0.2) is None
+        resample.write(1)  # an EOI for something else: still no re-assertion
+        assert irq.read_timeout(0.2) is None
+        drv.cfg_write(1, command & ~(1 << 10))
+        assert irq.read_timeout(5.0) == 1  # enabled with the ISR set: asserted now
+        assert dev.read(0x1000, 1)[0] == IsrBits.QUEUE
+        irq.close()
+        resample.close()
+
+
 def _worker_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("virtio-")]
 

@@ -36,6 +36,10 @@ class Interrupt:
         self._resample_evt = resample_evt
         self._lock = threading.Lock()
         self._isr = 0
+        #: The PCI command register's Interrupt Disable bit: the function must not assert INTx
+        #: while it is set (PCI 3.0, 6.2.2). A polling driver sets it; each INTx irqfd write
+        #: would otherwise cost a system call and a kernel worker wake-up per completion.
+        self._intx_disabled = False
         #: msix_config of the common configuration (the transport keeps it current).
         self.config_vector = VIRTIO_MSI_NO_VECTOR
         #: Bumped on every device configuration change (read by the transport).
@@ -61,7 +65,24 @@ class Interrupt:
             return
         with self._lock:
             self._isr |= isr_bit
+            if self._intx_disabled:
+                return  # the ISR keeps the bit; set_intx_disabled(False) asserts the line
         if self._intx_evt is not None:
+            self._intx_evt.write(1)
+
+    def set_intx_disabled(self, disabled: bool) -> None:
+        """The driver wrote the command register's Interrupt Disable bit. Clearing it while an
+        interrupt is pending (ISR non-zero) asserts INTx now."""
+        with self._lock:
+            was, self._intx_disabled = self._intx_disabled, disabled
+            pending = self._isr != 0
+        if (
+            was
+            and not disabled
+            and pending
+            and self._intx_evt is not None
+            and not self._msix_active()
+        ):
             self._intx_evt.write(1)
 
     def signal_used_queue(self, vector: int) -> None:
@@ -92,7 +113,7 @@ class Interrupt:
             except BlockingIOError:
                 pass
         with self._lock:
-            pending = self._isr != 0
+            pending = self._isr != 0 and not self._intx_disabled
         if pending and self._intx_evt is not None and not self._msix_active():
             self._intx_evt.write(1)
 

@@ -88,6 +88,8 @@ DEVICE_CFG_SIZE = 0x1000
 NOTIFY_CFG_OFFSET = 0x3000
 NOTIFY_CFG_SIZE = 0x1000
 NOTIFY_OFF_MULTIPLIER = 4
+#: PCI command register bit 10: the function must not assert INTx while it is set.
+COMMAND_INTX_DISABLE = 1 << 10
 MSIX_TABLE_OFFSET = 0x6000
 MSIX_PBA_OFFSET = 0x7000
 BAR0_SIZE = 0x8000
@@ -318,6 +320,8 @@ class VirtioPciDevice:
     def write_config_register(self, reg_idx: int, offset: int, data: bytes) -> None:
         with self._lock:
             self.config.write_reg(reg_idx, offset, data)
+            if reg_idx == 1 and offset < 2:  # command register: Interrupt Disable (bit 10)
+                self.interrupt.set_intx_disabled(bool(self.config.command & COMMAND_INTX_DISABLE))
             if reg_idx == self._msix_cap_reg and self._msix is not None and offset + len(data) > 2:
                 self._msix.write_message_control(self.config.read_reg(reg_idx) >> 16)
             if reg_idx in (1, 4, 5) and self._bar is not None and self.config.memory_enabled:

