@@ -225,6 +225,17 @@ def test_msix_request_end_to_end(mem: GuestMemory, image: Path) -> None:
         assert dev.interrupt.isr == 0  # MSI-X in use: no ISR / INTx
 
 
+def _read_one_block(drv: Driver, mem: GuestMemory) -> None:
+    """Bring the device up (every feature) and complete one 512-byte read on queue 0."""
+    assert drv.negotiate(drv.device_features())
+    vq = VirtQueueDriver(mem, 0x10000, 16)
+    drv.setup_queue(0, vq)
+    drv.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
+    vq.add_request([HDR.pack(VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
+    drv.notify(0)
+    vq.wait_used(1)
+
+
 def test_intx_isr_and_resample(mem: GuestMemory, image: Path) -> None:
     with make_transport(mem, image) as dev:
         irq, resample = EventFd(), EventFd()
@@ -232,13 +243,7 @@ def test_intx_isr_and_resample(mem: GuestMemory, image: Path) -> None:
         drv = Driver(dev, mem)
         assert drv.cfg_read(15) & 0xFFFF == 0x0105
         assert 0x100 + MSIX_CAP_ID not in drv.caps  # no router: INTx only
-        assert drv.negotiate(drv.device_features())
-        vq = VirtQueueDriver(mem, 0x10000, 16)
-        drv.setup_queue(0, vq)
-        drv.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
-        vq.add_request([HDR.pack(VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
-        drv.notify(0)
-        vq.wait_used(1)
+        _read_one_block(drv, mem)
         assert irq.read_timeout(5.0) == 1
         # The guest EOIs without reading the ISR: KVM signals resample, we re-assert.
         resample.write(1)
@@ -262,13 +267,7 @@ def test_intx_disable_bit_holds_the_line_until_cleared(mem: GuestMemory, image: 
         drv = Driver(dev, mem)
         command = drv.cfg_read(1) & 0xFFFF
         drv.cfg_write(1, command | 1 << 10)
-        assert drv.negotiate(drv.device_features())
-        vq = VirtQueueDriver(mem, 0x10000, 16)
-        drv.setup_queue(0, vq)
-        drv.set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
-        vq.add_request([HDR.pack(VIRTIO_BLK_T_IN, 0, 0)], [512, 1])
-        drv.notify(0)
-        vq.wait_used(1)
+        _read_one_block(drv, mem)
         assert dev.interrupt.isr == IsrBits.QUEUE  # pending, but the line stays quiet
         assert irq.read_timeout(0.2) is None
         resample.write(1)  # an EOI for something else: still no re-assertion
