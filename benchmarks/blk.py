@@ -84,10 +84,15 @@ def crosvm_exe() -> str:
     return found
 
 
-def vmm_argv(vmm: str, cfg: GuestConfig, crosvm: str, hugepages: bool = False) -> list[str]:
+def vmm_argv(
+    vmm: str, cfg: GuestConfig, crosvm: str, hugepages: bool = False, qemu_cache: str = "none"
+) -> list[str]:
     kernel = build_guest()
     if vmm == "qemu":
-        return qemu_command(kernel, cfg)
+        argv = qemu_command(kernel, cfg)
+        if qemu_cache != "none":  # the fixture's drives are cache=none (the peer)
+            argv = [a.replace(",cache=none,", f",cache={qemu_cache},") for a in argv]
+        return argv
     argv = crosvm_command(kernel, cfg, crosvm=crosvm)
     if vmm == "crosvm-nosb":
         argv.insert(2, "--disable-sandbox")  # after "crosvm run"
@@ -267,7 +272,7 @@ def run_vm(vmm: str, image: Path, args: argparse.Namespace, crosvm: str, test: s
         mem_mib=512,
         disks=(Disk(image),),
     )
-    argv = vmm_argv(vmm, cfg, crosvm, args.hugepages)
+    argv = vmm_argv(vmm, cfg, crosvm, args.hugepages, args.qemu_cache)
     timeout = 2 * args.bench_ms / 1000 + 120
     try:
         with GuestVm(argv) as vm:
@@ -437,6 +442,13 @@ def main() -> int:
         action="store_true",
         help="run crosvm with --hugepages (QEMU's anonymous guest RAM gets THP by itself)",
     )
+    ap.add_argument(
+        "--qemu-cache",
+        choices=("none", "writeback"),
+        default="none",
+        help="QEMU's -drive cache= mode (default none, the issue's peer; writeback is QEMU's "
+        "own default and buffers like crosvm's default)",
+    )
     ap.add_argument("--json", type=Path, help="write every raw figure here")
     args = ap.parse_args()
     if not args.tests or set(args.tests) - set(TESTS):
@@ -450,7 +462,7 @@ def main() -> int:
         name: Path(f"/sys/kernel/mm/transparent_hugepage/{name}").read_text().strip()
         for name in ("enabled", "shmem_enabled")
     }
-    print(f"THP: {thp}; crosvm --hugepages: {args.hugepages}")
+    print(f"THP: {thp}; crosvm --hugepages: {args.hugepages}; QEMU cache={args.qemu_cache}")
     rounds: list[dict[str, Figures]] = []
     host: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="pycrosvm-blkbench-") as tmp:
