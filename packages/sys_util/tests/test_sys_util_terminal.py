@@ -86,10 +86,25 @@ def test_restored_before_a_fatal_signal(pty: tuple[int, int]) -> None:
 
 def test_signal_handlers_are_put_back(pty: tuple[int, int]) -> None:
     _, slave = pty
-    before = signal.getsignal(signal.SIGHUP)
-    with RawTerminal(slave):
-        assert signal.getsignal(signal.SIGHUP) != before
-    assert signal.getsignal(signal.SIGHUP) == before
+    # Under nohup SIGHUP starts ignored, and an ignored signal is left alone (next test).
+    original = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with RawTerminal(slave):
+            assert signal.getsignal(signal.SIGHUP) != signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, original)
+
+
+def test_ignored_signals_stay_ignored(pty: tuple[int, int]) -> None:
+    _, slave = pty
+    original = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with RawTerminal(slave):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, original)
 
 
 def test_not_a_terminal() -> None:
