@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from fixture import Disk, GuestConfig, launch, run_guest
 
+import sys_util
 from arch.testing import build_elf64
 
 pytestmark = [pytest.mark.kvm]
@@ -157,8 +158,6 @@ def test_cold_large_reads_bypass_the_host_page_cache(
     """The guest reads its disk in 1 MiB requests; none is in the host page cache. By default
     they go through O_DIRECT in the jailed device (the cache stays empty), with
     ``cold-reads=cached`` through the cache (it ends up holding the whole image)."""
-    import sys_util
-
     size = 16 << 20
     disk = make_disk(tmp_path / "cold.img", size, seed=5)
     digest = sha256(disk)

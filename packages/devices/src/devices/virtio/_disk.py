@@ -177,10 +177,9 @@ class RawDisk:
         """
         fd = self.fileno()
         if (
-            self._cold_fd < 0
+            not self.cold_reads_direct
             or length < COLD_READ_DIRECT_BYTES
             or (offset | length) & (_DIRECT_ALIGN - 1)
-            or not self._cold_ok
         ):
             return fd
         try:

@@ -274,11 +274,8 @@ class Block(ThreadedVirtioDevice):
             else:
                 # Completions are published here, in this one thread and in ring order; only
                 # the requests' I/O runs on the pool.
-                if len(batch) == 1:
-                    queue.add_used(batch[0].head, self._serve_one(batch[0]))
-                else:
-                    for chain, written in zip(batch, self._serve_batch(batch), strict=True):
-                        queue.add_used(chain.head, written)
+                for chain, written in zip(batch, self._serve_batch(batch), strict=True):
+                    queue.add_used(chain.head, written)
             if queue.next_used != before:  # served something (or completed a bad chain)
                 queue.trigger_interrupt(interrupt)
             if not queue.enable_notification():
@@ -446,7 +443,7 @@ class Block(ThreadedVirtioDevice):
         """Bytes written into each chain, in order. Reads and writes run concurrently; a flush,
         discard or write-zeroes waits for everything before it (an ordering barrier)."""
         if len(batch) == 1:
-            yield self.handle_request(batch[0])
+            yield self._serve_one(batch[0])
             return
         if self._io is None:
             self._io = ThreadPoolExecutor(IO_WORKERS, thread_name_prefix=self.debug_label())
